@@ -1,0 +1,32 @@
+//! wpfs consensus: the Raft log (raft-rs `RawNode` over RocksDB) and the
+//! namespace state machine it feeds.
+//!
+//! - `store`: the node's one RocksDB and its column families;
+//! - `raft_log`: raft-rs `Storage` over the `raft` column family;
+//! - `namespace`: the deterministic state machine (inodes, entries, chunk slots);
+//! - `node`: the driver thread running the RawNode loop and taking proposals.
+
+mod logger;
+pub mod namespace;
+pub mod node;
+pub mod raft_log;
+pub mod store;
+
+pub use namespace::{Namespace, CHUNK_SIZE, ROOT_INO};
+pub use node::{Node, NodeConfig, ProposeError, RaftStatus};
+pub use store::{Store, StoreError};
+
+/// Creates the store of a brand-new one-voter cluster at `path`: the
+/// Raft configuration and the root directory.
+pub fn bootstrap(
+    path: &std::path::Path,
+    node_id: u64,
+    now_ns: i64,
+    uid: u32,
+    gid: u32,
+) -> Result<(), String> {
+    let store = Store::open(path, true).map_err(|e| e.to_string())?;
+    raft_log::RaftLog::bootstrap(&store, node_id).map_err(|e| e.to_string())?;
+    Namespace::bootstrap(&store, now_ns, uid, gid).map_err(|e| e.to_string())?;
+    store.sync().map_err(|e| e.to_string())
+}

@@ -1,0 +1,254 @@
+//! The Raft log and hard state, kept in the store's `raft` column family and
+//! served to raft-rs through its `Storage` trait.
+//!
+//! raft-rs asks the storage for entries, terms and the initial state; the
+//! driver (`node`) writes new entries and hard state through `append` and
+//! `set_hard_state` into a RocksDB batch it commits itself, so one Ready is
+//! one write. Entries below the compaction point are gone; their last index
+//! and term are remembered as the snapshot metadata.
+
+use prost011::Message as _;
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
+use raft::{GetEntriesContext, RaftState, StorageError};
+use rocksdb::{IteratorMode, WriteBatch};
+
+use crate::store::{be, read_be, Store, CF_RAFT};
+
+const KEY_HARD_STATE: &[u8] = b"hs";
+const KEY_CONF_STATE: &[u8] = b"cs";
+const KEY_SNAPSHOT_META: &[u8] = b"snap";
+const ENTRY_PREFIX: u8 = b'e';
+
+fn entry_key(index: u64) -> [u8; 9] {
+    let mut k = [ENTRY_PREFIX; 9];
+    k[1..].copy_from_slice(&be(index));
+    k
+}
+
+pub struct RaftLog {
+    store: Store,
+    hard_state: HardState,
+    conf_state: ConfState,
+    /// Index and term of the last entry compacted away (0, 0 at first).
+    snapshot_index: u64,
+    snapshot_term: u64,
+    last_index: u64,
+}
+
+impl RaftLog {
+    /// Loads the log state from the store.
+    pub fn open(store: Store) -> raft::Result<RaftLog> {
+        let hard_state: HardState = load(&store, KEY_HARD_STATE)?.unwrap_or_default();
+        let conf_state: ConfState = load(&store, KEY_CONF_STATE)?.unwrap_or_default();
+        let snap: SnapshotMetadata = load(&store, KEY_SNAPSHOT_META)?.unwrap_or_default();
+        let mut log = RaftLog {
+            store,
+            hard_state,
+            conf_state,
+            snapshot_index: snap.index,
+            snapshot_term: snap.term,
+            last_index: snap.index,
+        };
+        {
+            let cf = log.store.cf(CF_RAFT);
+            let mut iter = log.store.db().raw_iterator_cf(cf);
+            iter.seek_for_prev(entry_key(u64::MAX));
+            if let Some(key) = iter.key() {
+                if key.len() == 9 && key[0] == ENTRY_PREFIX {
+                    log.last_index = read_be(&key[1..]).max(log.snapshot_index);
+                }
+            }
+            iter.status().map_err(storage_err)?;
+        }
+        Ok(log)
+    }
+
+    /// Writes the configuration of a brand-new cluster whose only voter is
+    /// `node_id`.
+    pub fn bootstrap(store: &Store, node_id: u64) -> raft::Result<()> {
+        let mut cs = ConfState::default();
+        cs.voters = vec![node_id];
+        store
+            .db()
+            .put_cf(store.cf(CF_RAFT), KEY_CONF_STATE, cs.encode_to_vec())
+            .map_err(storage_err)
+    }
+
+    pub fn hard_state(&self) -> &HardState {
+        &self.hard_state
+    }
+
+    pub fn conf_state(&self) -> &ConfState {
+        &self.conf_state
+    }
+
+    pub fn first_index_now(&self) -> u64 {
+        self.snapshot_index + 1
+    }
+
+    pub fn last_index_now(&self) -> u64 {
+        self.last_index
+    }
+
+    /// Adds entries to the batch, replacing any conflicting tail.
+    pub fn append(&mut self, batch: &mut WriteBatch, entries: &[Entry]) {
+        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+            return;
+        };
+        let cf = self.store.cf(CF_RAFT);
+        for e in entries {
+            batch.put_cf(cf, entry_key(e.index), e.encode_to_vec());
+        }
+        if last.index < self.last_index {
+            batch.delete_range_cf(
+                cf,
+                entry_key(last.index + 1),
+                entry_key(self.last_index + 1),
+            );
+        }
+        debug_assert!(first.index <= self.last_index + 1);
+        self.last_index = last.index;
+    }
+
+    pub fn set_hard_state(&mut self, batch: &mut WriteBatch, hs: &HardState) {
+        batch.put_cf(self.store.cf(CF_RAFT), KEY_HARD_STATE, hs.encode_to_vec());
+        self.hard_state = hs.clone();
+    }
+
+    pub fn set_conf_state(&mut self, batch: &mut WriteBatch, cs: &ConfState) {
+        batch.put_cf(self.store.cf(CF_RAFT), KEY_CONF_STATE, cs.encode_to_vec());
+        self.conf_state = cs.clone();
+    }
+
+    /// Drops the entries up to and including `index` (already applied).
+    pub fn compact(&mut self, index: u64) -> raft::Result<()> {
+        if index <= self.snapshot_index || index > self.last_index {
+            return Ok(());
+        }
+        let term = self.entry_term(index)?;
+        let mut meta = SnapshotMetadata::default();
+        meta.index = index;
+        meta.term = term;
+        meta.conf_state = Some(self.conf_state.clone());
+        let cf = self.store.cf(CF_RAFT);
+        let mut batch = WriteBatch::default();
+        batch.put_cf(cf, KEY_SNAPSHOT_META, meta.encode_to_vec());
+        batch.delete_range_cf(cf, entry_key(0), entry_key(index + 1));
+        self.store.db().write(batch).map_err(storage_err)?;
+        self.snapshot_index = index;
+        self.snapshot_term = term;
+        Ok(())
+    }
+
+    fn entry_term(&self, index: u64) -> raft::Result<u64> {
+        let bytes = self
+            .store
+            .db()
+            .get_pinned_cf(self.store.cf(CF_RAFT), entry_key(index))
+            .map_err(storage_err)?
+            .ok_or(raft::Error::Store(StorageError::Unavailable))?;
+        let e = Entry::decode(&*bytes).map_err(|e| storage_err(format!("entry {index}: {e}")))?;
+        Ok(e.term)
+    }
+}
+
+impl raft::Storage for RaftLog {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        Ok(RaftState::new(
+            self.hard_state.clone(),
+            self.conf_state.clone(),
+        ))
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        if low <= self.snapshot_index {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if high > self.last_index + 1 {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        let max_size = max_size.into().unwrap_or(u64::MAX);
+        let cf = self.store.cf(CF_RAFT);
+        let start = entry_key(low);
+        let iter = self
+            .store
+            .db()
+            .iterator_cf(cf, IteratorMode::From(&start, rocksdb::Direction::Forward));
+        let mut out = Vec::with_capacity((high - low) as usize);
+        let mut size = 0u64;
+        for item in iter {
+            let (key, value) = item.map_err(storage_err)?;
+            if key.len() != 9 || key[0] != ENTRY_PREFIX || read_be(&key[1..]) >= high {
+                break;
+            }
+            if read_be(&key[1..]) != low + out.len() as u64 {
+                return Err(storage_err(format!(
+                    "raft log has a gap before entry {}",
+                    read_be(&key[1..])
+                )));
+            }
+            size += value.len() as u64;
+            // Like raft's limit_size: always at least one entry.
+            if !out.is_empty() && size > max_size {
+                break;
+            }
+            out.push(Entry::decode(&*value).map_err(|e| storage_err(e.to_string()))?);
+        }
+        if out.is_empty() && high > low {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        Ok(out)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        if idx == self.snapshot_index {
+            return Ok(self.snapshot_term);
+        }
+        if idx < self.snapshot_index {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if idx > self.last_index {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        self.entry_term(idx)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.snapshot_index + 1)
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.last_index)
+    }
+
+    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        // Streaming the state machine to a lagging peer comes with peers;
+        // a single voter never asks for it.
+        Err(raft::Error::Store(
+            StorageError::SnapshotTemporarilyUnavailable,
+        ))
+    }
+}
+
+fn load<M: prost011::Message + Default>(store: &Store, key: &[u8]) -> raft::Result<Option<M>> {
+    let Some(bytes) = store
+        .db()
+        .get_pinned_cf(store.cf(CF_RAFT), key)
+        .map_err(storage_err)?
+    else {
+        return Ok(None);
+    };
+    M::decode(&*bytes)
+        .map(Some)
+        .map_err(|e| storage_err(format!("{}: {e}", String::from_utf8_lossy(key))))
+}
+
+fn storage_err(e: impl ToString) -> raft::Error {
+    raft::Error::Store(StorageError::Other(e.to_string().into()))
+}

@@ -1,0 +1,149 @@
+//! The chunk store: file contents as chunks addressed by their BLAKE3 hash,
+//! in the store's `chunks` column family.
+//!
+//! A chunk is immutable and shared by every slot of every file that holds
+//! the same bytes. Reads verify the hash, so a reader never gets torn or
+//! foreign bytes: a mismatch is EIO and a log line, never wrong data.
+//!
+//! Collection: the namespace counts references and flags a chunk whose
+//! count falls to zero (`g` keys). A writer stores its chunks *before* the
+//! command that references them is committed, so it pins them meanwhile,
+//! and flags them too: if the writer dies first, the collector finds them
+//! unreferenced and unpinned and deletes them. The pin lock orders a
+//! writer's "pin, then check/put" against the collector's "check pin, then
+//! delete", so a chunk about to be referenced is never deleted.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use rocksdb::WriteBatch;
+use wpfs_consensus::namespace::{Hash, Namespace};
+use wpfs_consensus::store::{CF_CHUNKS, CF_META};
+use wpfs_consensus::Store;
+
+use crate::error::{err, Result};
+
+pub struct ChunkStore {
+    store: Store,
+    pins: Mutex<HashMap<Hash, u32>>,
+}
+
+/// Chunks pinned by one pending write; unpinned when dropped.
+pub struct Pinned {
+    chunks: Arc<ChunkStore>,
+    hashes: Vec<Hash>,
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        let mut pins = self.chunks.pins.lock();
+        for h in &self.hashes {
+            if let Some(n) = pins.get_mut(h) {
+                *n -= 1;
+                if *n == 0 {
+                    pins.remove(h);
+                }
+            }
+        }
+    }
+}
+
+impl Pinned {
+    pub fn new(chunks: Arc<ChunkStore>) -> Self {
+        Pinned {
+            chunks,
+            hashes: Vec::new(),
+        }
+    }
+
+    /// Stores `data` (if no chunk with its hash exists) and pins it.
+    pub fn put(&mut self, data: &[u8]) -> Result<Hash> {
+        let hash: Hash = *blake3::hash(data).as_bytes();
+        *self.chunks.pins.lock().entry(hash).or_default() += 1;
+        self.hashes.push(hash);
+        let store = &self.chunks.store;
+        let exists = store
+            .db()
+            .get_pinned_cf(store.cf(CF_CHUNKS), hash)?
+            .is_some();
+        if !exists {
+            let mut batch = WriteBatch::default();
+            batch.put_cf(store.cf(CF_CHUNKS), hash, data);
+            // Flag it for collection in case the write is never committed.
+            batch.put_cf(store.cf(CF_META), garbage_key(&hash), b"");
+            store.db().write(batch)?;
+        }
+        Ok(hash)
+    }
+}
+
+fn garbage_key(hash: &Hash) -> Vec<u8> {
+    let mut k = Vec::with_capacity(33);
+    k.push(b'g');
+    k.extend_from_slice(hash);
+    k
+}
+
+impl ChunkStore {
+    pub fn new(store: Store) -> Self {
+        ChunkStore {
+            store,
+            pins: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The chunk with `hash`, verified; `snapshot` gives a consistent view.
+    pub fn get(&self, hash: &[u8], snapshot: Option<&rocksdb::Snapshot<'_>>) -> Result<Vec<u8>> {
+        let cf = self.store.cf(CF_CHUNKS);
+        let data = match snapshot {
+            Some(s) => s.get_cf(cf, hash)?,
+            None => self.store.db().get_cf(cf, hash)?,
+        };
+        let Some(data) = data else {
+            tracing::error!("chunk {} is missing from the store", hex(hash));
+            return err(libc::EIO);
+        };
+        if blake3::hash(&data).as_bytes() != hash {
+            tracing::error!(
+                "chunk {} fails its hash check: the store is corrupt here",
+                hex(hash)
+            );
+            return err(libc::EIO);
+        }
+        Ok(data)
+    }
+
+    /// Deletes the flagged chunks that no file references and no pending
+    /// write holds; returns how many were deleted.
+    pub fn collect(&self, namespace: &Namespace) -> Result<usize> {
+        let mut deleted = 0;
+        for hash in namespace.garbage_chunks()? {
+            let pins = self.pins.lock();
+            if pins.contains_key(&hash) {
+                continue;
+            }
+            if namespace.chunk_refcount(&hash)? == 0 {
+                self.store.db().delete_cf(self.store.cf(CF_CHUNKS), hash)?;
+                deleted += 1;
+            }
+            namespace.clear_garbage(&hash)?;
+            drop(pins);
+        }
+        Ok(deleted)
+    }
+
+    /// Number of chunks stored (an estimate from RocksDB).
+    pub fn count_estimate(&self) -> u64 {
+        self.store
+            .db()
+            .property_int_value_cf(self.store.cf(CF_CHUNKS), "rocksdb.estimate-num-keys")
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

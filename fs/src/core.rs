@@ -1,0 +1,628 @@
+//! The filesystem core: every operation in POSIX terms, on inode numbers
+//! and byte-string names, returning an errno on failure. The FUSE layer
+//! (`fuse`) only translates to and from the kernel; what the filesystem
+//! does is decided here, so it can be tested without a mount.
+//!
+//! Reads are local: the namespace and chunks on this node's RocksDB, plus
+//! the uncommitted writes of open files (`file`). Every change is a command
+//! proposed to Raft; the call returns once the command is applied here,
+//! with the errno the state machine decided.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+use wpfs_consensus::namespace::NAME_MAX;
+use wpfs_consensus::{Namespace, Node, Store};
+use wpfs_proto::{self as proto, FileKind, Inode, Op, Outcome};
+
+use crate::chunks::ChunkStore;
+use crate::error::{err, Errno, Result};
+use crate::file::{read_range, Contents, FileState};
+
+/// POSIX ACLs would be stored but not enforced: refuse them instead.
+const ACL_XATTRS: [&[u8]; 2] = [b"system.posix_acl_access", b"system.posix_acl_default"];
+
+#[derive(Clone, Debug)]
+pub struct CoreOptions {
+    /// How long a write may wait for Raft before it fails.
+    pub write_timeout: Duration,
+    pub read_only: bool,
+    /// The data directory: statfs reports the space of its filesystem.
+    pub data_dir: PathBuf,
+}
+
+/// Who is asking: the owner of what they create.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// A time to set: a given one, or "now" on the writer's clock.
+#[derive(Clone, Copy, Debug)]
+pub enum SetTime {
+    At(i64),
+    Now,
+}
+
+#[derive(Default, Debug)]
+pub struct SetAttrs {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+}
+
+/// What to create.
+pub enum NewNode<'a> {
+    File {
+        mode: u32,
+        exclusive: bool,
+    },
+    Dir {
+        mode: u32,
+    },
+    Symlink {
+        target: &'a [u8],
+    },
+    Special {
+        kind: FileKind,
+        mode: u32,
+        rdev: u32,
+    },
+}
+
+pub struct Statfs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+}
+
+/// An inode open on this node: its handles and uncommitted writes.
+struct OpenFile {
+    handles: u32,
+    state: Arc<Mutex<FileState>>,
+}
+
+pub struct FsCore {
+    node: Arc<Node>,
+    contents: Contents,
+    open: Mutex<HashMap<u64, OpenFile>>,
+    next_fh: AtomicU64,
+    opts: CoreOptions,
+}
+
+pub fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+fn is_kind(inode: &Inode, kind: FileKind) -> bool {
+    inode.kind == kind as i32
+}
+
+fn check_name(name: &[u8]) -> Result<()> {
+    if name.len() > NAME_MAX {
+        return err(libc::ENAMETOOLONG);
+    }
+    Ok(())
+}
+
+impl FsCore {
+    pub fn new(node: Arc<Node>, store: Store, opts: CoreOptions) -> Arc<FsCore> {
+        let namespace = Namespace::new(store.clone());
+        let chunks = Arc::new(ChunkStore::new(store));
+        Arc::new(FsCore {
+            node,
+            contents: Contents { namespace, chunks },
+            open: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            opts,
+        })
+    }
+
+    pub fn namespace(&self) -> &Namespace {
+        &self.contents.namespace
+    }
+
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    fn propose(&self, op: Op, durable: bool) -> Result<Outcome> {
+        if self.opts.read_only {
+            return err(libc::EROFS);
+        }
+        let outcome = self
+            .node
+            .propose(op, now_ns(), durable, self.opts.write_timeout)?;
+        if outcome.errno != 0 {
+            return err(outcome.errno);
+        }
+        Ok(outcome)
+    }
+
+    fn propose_inode(&self, op: Op) -> Result<Inode> {
+        self.propose(op, false)?.inode.ok_or(Errno(libc::EIO))
+    }
+
+    // --- reads ---------------------------------------------------------
+
+    /// The inode a name points to; `None` when the name does not exist.
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Option<Inode>> {
+        check_name(name)?;
+        let Some(entry) = self.namespace().lookup(parent, name)? else {
+            return Ok(None);
+        };
+        Ok(Some(self.getattr(entry.ino)?))
+    }
+
+    /// The inode as this node sees it: with its open files' unwritten sizes.
+    pub fn getattr(&self, ino: u64) -> Result<Inode> {
+        let mut inode = self.namespace().inode(ino)?.ok_or(Errno(libc::ENOENT))?;
+        self.overlay(&mut inode);
+        Ok(inode)
+    }
+
+    fn overlay(&self, inode: &mut Inode) {
+        let state = self.open.lock().get(&inode.ino).map(|o| o.state.clone());
+        if let Some(state) = state {
+            let s = state.lock();
+            if s.is_dirty() {
+                inode.size = s.size;
+                inode.mtime_ns = s.mtime_ns;
+                inode.ctime_ns = inode.ctime_ns.max(s.mtime_ns);
+            }
+        }
+    }
+
+    pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
+        let inode = self.getattr(ino)?;
+        if !is_kind(&inode, FileKind::Symlink) {
+            return err(libc::EINVAL);
+        }
+        Ok(inode.symlink_target)
+    }
+
+    pub fn read(&self, ino: u64, offset: u64, len: u32) -> Result<Vec<u8>> {
+        if let Some(state) = self.state_if_open(ino) {
+            return state.lock().read(&self.contents, offset, len as u64);
+        }
+        let inode = self.getattr(ino)?;
+        if is_kind(&inode, FileKind::Directory) {
+            return err(libc::EISDIR);
+        }
+        read_range(&self.contents, ino, inode.size, offset, len as u64, None)
+    }
+
+    /// Lists directory `ino` from `offset` (0, or an offset it returned
+    /// before): `f(ino, next_offset, kind, name)` until it returns false.
+    /// Offsets are per-entry cookies, so they stay valid while the
+    /// directory changes.
+    pub fn read_dir(
+        &self,
+        ino: u64,
+        offset: u64,
+        mut f: impl FnMut(u64, u64, FileKind, &[u8]) -> bool,
+    ) -> Result<()> {
+        let dir = self.getattr(ino)?;
+        if !is_kind(&dir, FileKind::Directory) {
+            return err(libc::ENOTDIR);
+        }
+        if offset < 1 && !f(ino, 1, FileKind::Directory, b".") {
+            return Ok(());
+        }
+        if offset < 2 && !f(dir.parent, 2, FileKind::Directory, b"..") {
+            return Ok(());
+        }
+        self.namespace()
+            .read_dir(ino, offset.max(2), |cookie, name, entry| {
+                let kind = FileKind::try_from(entry.kind).unwrap_or(FileKind::Regular);
+                f(entry.ino, cookie, kind, name)
+            })?;
+        Ok(())
+    }
+
+    pub fn statfs(&self) -> Result<Statfs> {
+        let path = std::ffi::CString::new(self.opts.data_dir.as_os_str().as_encoded_bytes())
+            .map_err(|_| Errno(libc::EINVAL))?;
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: path is NUL-terminated and st is a valid out-pointer.
+        if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+            return Err(Errno(
+                std::io::Error::last_os_error()
+                    .raw_os_error()
+                    .unwrap_or(libc::EIO),
+            ));
+        }
+        let used = self.namespace().inode_count()?;
+        let ffree = (st.f_bavail as u64 * st.f_frsize as u64) / 4096;
+        Ok(Statfs {
+            blocks: st.f_blocks as u64,
+            bfree: st.f_bfree as u64,
+            bavail: st.f_bavail as u64,
+            files: used + ffree,
+            ffree,
+            bsize: st.f_frsize as u32,
+        })
+    }
+
+    pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
+        let inode = self.getattr(ino)?;
+        inode
+            .xattrs
+            .into_iter()
+            .find(|x| x.name == name)
+            .map(|x| x.value)
+            .ok_or(Errno(libc::ENODATA))
+    }
+
+    /// The attribute names, each followed by a NUL, as listxattr(2) returns.
+    pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>> {
+        let inode = self.getattr(ino)?;
+        let mut out = Vec::new();
+        for x in inode.xattrs {
+            out.extend_from_slice(&x.name);
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    // --- namespace changes -----------------------------------------------
+
+    pub fn create(
+        &self,
+        parent: u64,
+        name: &[u8],
+        what: NewNode<'_>,
+        caller: Caller,
+    ) -> Result<Inode> {
+        check_name(name)?;
+        let (kind, mode, rdev, target, exclusive) = match what {
+            NewNode::File { mode, exclusive } => (FileKind::Regular, mode, 0, &[][..], exclusive),
+            NewNode::Dir { mode } => (FileKind::Directory, mode, 0, &[][..], true),
+            NewNode::Symlink { target } => (FileKind::Symlink, 0o777, 0, target, true),
+            NewNode::Special { kind, mode, rdev } => (kind, mode, rdev, &[][..], true),
+        };
+        if target.len() > libc::PATH_MAX as usize {
+            return err(libc::ENAMETOOLONG);
+        }
+        self.propose_inode(Op::Create(proto::Create {
+            parent,
+            name: name.to_vec(),
+            kind: kind as i32,
+            mode,
+            uid: caller.uid,
+            gid: caller.gid,
+            rdev,
+            symlink_target: target.to_vec(),
+            exclusive,
+        }))
+    }
+
+    pub fn link(&self, ino: u64, new_parent: u64, new_name: &[u8]) -> Result<Inode> {
+        check_name(new_name)?;
+        let mut inode = self.propose_inode(Op::Link(proto::Link {
+            ino,
+            new_parent,
+            new_name: new_name.to_vec(),
+        }))?;
+        self.overlay(&mut inode);
+        Ok(inode)
+    }
+
+    /// Whether the inode `name` points to is open here: then its last
+    /// unlink must keep it (as an orphan) until the last handle closes.
+    fn open_target(&self, parent: u64, name: &[u8]) -> Result<bool> {
+        Ok(match self.namespace().lookup(parent, name)? {
+            Some(e) => self.open.lock().contains_key(&e.ino),
+            None => false,
+        })
+    }
+
+    pub fn unlink(&self, parent: u64, name: &[u8], directory: bool) -> Result<()> {
+        check_name(name)?;
+        let keep_if_open = self.open_target(parent, name)?;
+        self.propose(
+            Op::Unlink(proto::Unlink {
+                parent,
+                name: name.to_vec(),
+                directory,
+                keep_if_open,
+            }),
+            false,
+        )?;
+        Ok(())
+    }
+
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        new_parent: u64,
+        new_name: &[u8],
+        noreplace: bool,
+        exchange: bool,
+    ) -> Result<()> {
+        check_name(name)?;
+        check_name(new_name)?;
+        let keep_if_open = self.open_target(new_parent, new_name)?;
+        self.propose(
+            Op::Rename(proto::Rename {
+                parent,
+                name: name.to_vec(),
+                new_parent,
+                new_name: new_name.to_vec(),
+                noreplace,
+                exchange,
+                keep_if_open,
+            }),
+            false,
+        )?;
+        Ok(())
+    }
+
+    pub fn setattr(&self, ino: u64, attrs: SetAttrs) -> Result<Inode> {
+        // Commit written data first, so that an explicit mtime (cp -p, tar,
+        // rsync set it on the open file) is not overwritten by a later flush.
+        self.flush(ino, false)?;
+        if let Some(size) = attrs.size {
+            self.truncate(ino, size)?;
+        }
+        if attrs.mode.is_some()
+            || attrs.uid.is_some()
+            || attrs.gid.is_some()
+            || attrs.atime.is_some()
+            || attrs.mtime.is_some()
+        {
+            let now = now_ns();
+            let at = |t: Option<SetTime>| {
+                t.map(|t| match t {
+                    SetTime::At(ns) => ns,
+                    SetTime::Now => now,
+                })
+            };
+            self.propose(
+                Op::SetAttr(proto::SetAttr {
+                    ino,
+                    mode: attrs.mode,
+                    uid: attrs.uid,
+                    gid: attrs.gid,
+                    atime_ns: at(attrs.atime),
+                    mtime_ns: at(attrs.mtime),
+                }),
+                false,
+            )?;
+        }
+        let inode = self.getattr(ino)?;
+        if let Some(state) = self.state_if_open(ino) {
+            state.lock().refresh(&inode);
+        }
+        Ok(inode)
+    }
+
+    fn truncate(&self, ino: u64, size: u64) -> Result<()> {
+        let inode = self.getattr(ino)?;
+        if is_kind(&inode, FileKind::Directory) {
+            return err(libc::EISDIR);
+        }
+        if !is_kind(&inode, FileKind::Regular) {
+            return err(libc::EINVAL);
+        }
+        self.with_state(&inode, |state| {
+            state.truncate(&self.contents, size, now_ns())?;
+            self.commit(state, false)
+        })
+    }
+
+    pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
+        if ACL_XATTRS.contains(&name) {
+            return err(libc::EOPNOTSUPP);
+        }
+        if name.is_empty() || name.len() > 255 {
+            return err(libc::ERANGE);
+        }
+        if value.len() > 64 * 1024 {
+            return err(libc::E2BIG);
+        }
+        self.propose(
+            Op::SetXattr(proto::SetXattr {
+                ino,
+                name: name.to_vec(),
+                value: value.to_vec(),
+                flags: flags as u32,
+            }),
+            false,
+        )?;
+        Ok(())
+    }
+
+    pub fn removexattr(&self, ino: u64, name: &[u8]) -> Result<()> {
+        self.propose(
+            Op::RemoveXattr(proto::RemoveXattr {
+                ino,
+                name: name.to_vec(),
+            }),
+            false,
+        )?;
+        Ok(())
+    }
+
+    // --- open files ------------------------------------------------------
+
+    fn state_if_open(&self, ino: u64) -> Option<Arc<Mutex<FileState>>> {
+        self.open.lock().get(&ino).map(|o| o.state.clone())
+    }
+
+    /// Registers a handle on `ino` and returns its number.
+    pub fn open(&self, ino: u64) -> Result<u64> {
+        let inode = self.getattr(ino)?;
+        let mut open = self.open.lock();
+        let entry = open.entry(ino).or_insert_with(|| OpenFile {
+            handles: 0,
+            state: Arc::new(Mutex::new(FileState::new(&inode))),
+        });
+        entry.handles += 1;
+        Ok(self.next_fh.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Runs `f` on the write state of `inode`. Without an open handle
+    /// (truncate(2) by path) the state is a passing one, committed before
+    /// this returns.
+    fn with_state<T>(
+        &self,
+        inode: &Inode,
+        f: impl FnOnce(&mut FileState) -> Result<T>,
+    ) -> Result<T> {
+        let state = self
+            .open
+            .lock()
+            .entry(inode.ino)
+            .or_insert_with(|| OpenFile {
+                handles: 0,
+                state: Arc::new(Mutex::new(FileState::new(inode))),
+            })
+            .state
+            .clone();
+        let mut guard = state.lock();
+        let value = f(&mut guard)?;
+        let passing = {
+            let mut open = self.open.lock();
+            let passing = open
+                .get(&inode.ino)
+                .is_some_and(|o| o.handles == 0 && Arc::ptr_eq(&o.state, &state));
+            if passing {
+                open.remove(&inode.ino);
+            }
+            passing
+        };
+        if passing {
+            self.commit(&mut guard, false)?;
+        }
+        Ok(value)
+    }
+
+    pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        let inode = self.getattr(ino)?;
+        if !is_kind(&inode, FileKind::Regular) {
+            return err(libc::EINVAL);
+        }
+        if offset
+            .checked_add(data.len() as u64)
+            .is_none_or(|end| end > i64::MAX as u64)
+        {
+            return err(libc::EFBIG);
+        }
+        self.with_state(&inode, |state| {
+            state.write(&self.contents, offset, data, now_ns())
+        })?;
+        Ok(data.len() as u32)
+    }
+
+    /// Commits the uncommitted writes of `ino`; with `durable`, on disk.
+    pub fn flush(&self, ino: u64, durable: bool) -> Result<()> {
+        let Some(state) = self.state_if_open(ino) else {
+            return Ok(());
+        };
+        let mut state = state.lock();
+        self.commit(&mut state, durable)
+    }
+
+    pub fn fsync(&self, ino: u64) -> Result<()> {
+        let Some(state) = self.state_if_open(ino) else {
+            return self.sync_store();
+        };
+        let mut state = state.lock();
+        if state.is_dirty() {
+            self.commit(&mut state, true)
+        } else {
+            self.sync_store()
+        }
+    }
+
+    fn sync_store(&self) -> Result<()> {
+        self.namespace().store().sync().map_err(|e| {
+            tracing::error!("fsync: {e}");
+            Errno(libc::EIO)
+        })
+    }
+
+    fn commit(&self, state: &mut FileState, durable: bool) -> Result<()> {
+        if !state.is_dirty() {
+            return Ok(());
+        }
+        let update = state.update(&self.contents)?;
+        let outcome = self.propose(Op::SetContent(update), durable)?;
+        let inode = outcome.inode.ok_or(Errno(libc::EIO))?;
+        state.committed(&inode);
+        Ok(())
+    }
+
+    /// A handle is closed; the last one commits and lets an unlinked inode go.
+    pub fn release(&self, ino: u64) -> Result<()> {
+        let last = {
+            let mut open = self.open.lock();
+            match open.get_mut(&ino) {
+                Some(o) if o.handles > 1 => {
+                    o.handles -= 1;
+                    None
+                }
+                Some(_) => open.remove(&ino),
+                None => None,
+            }
+        };
+        let Some(last) = last else { return Ok(()) };
+        let result = self.commit(&mut last.state.lock(), false);
+        if self.namespace().inode(ino)?.is_some_and(|i| i.nlink == 0) {
+            self.propose(Op::Reap(proto::Reap { ino }), false)?;
+        }
+        result
+    }
+
+    /// Frees the orphans left by handles a previous run did not close.
+    pub fn reap_orphans(&self) -> Result<usize> {
+        let orphans = self.namespace().orphans()?;
+        for &ino in &orphans {
+            if !self.open.lock().contains_key(&ino) {
+                self.propose(Op::Reap(proto::Reap { ino }), false)?;
+            }
+        }
+        Ok(orphans.len())
+    }
+
+    /// Deletes chunks nothing references any more.
+    pub fn collect_garbage(&self) -> Result<usize> {
+        self.contents.chunks.collect(self.namespace())
+    }
+
+    pub fn chunk_count_estimate(&self) -> u64 {
+        self.contents.chunks.count_estimate()
+    }
+
+    /// fallocate(2): reserving space is a no-op (contents are chunks), but
+    /// growing the size is real; punching holes is not supported.
+    pub fn fallocate(&self, ino: u64, offset: u64, len: u64, mode: i32) -> Result<()> {
+        if mode & !libc::FALLOC_FL_KEEP_SIZE != 0 {
+            return err(libc::EOPNOTSUPP);
+        }
+        let inode = self.getattr(ino)?;
+        let end = offset.checked_add(len).ok_or(Errno(libc::EFBIG))?;
+        if mode & libc::FALLOC_FL_KEEP_SIZE == 0 && end > inode.size {
+            self.with_state(&inode, |state| {
+                state.truncate(&self.contents, end, now_ns())
+            })?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,278 @@
+//! What a file's open handles have written and not yet committed.
+//!
+//! Writes land here, per inode (shared by all handles on this node, so a
+//! second reader on the node sees them), as whole chunk buffers. `close`
+//! and `fsync` turn the changed slots into chunks and one `SetContent`
+//! command: the file changes cluster-wide at once, whole (close-to-open).
+//! Large sequential writes do not pile up in memory: past a bound the
+//! buffers are stored as chunks early and only their hashes kept.
+//!
+//! Invariant kept by `truncate`: no committed chunk holds bytes past the
+//! file's size, so growing a file later reads zeros there.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use wpfs_consensus::namespace::{Hash, Namespace};
+use wpfs_consensus::CHUNK_SIZE;
+use wpfs_proto::{ChunkRef, Inode, SetContent};
+
+use crate::chunks::{ChunkStore, Pinned};
+use crate::error::Result;
+
+const CHUNK: usize = CHUNK_SIZE as usize;
+/// Unsealed buffers kept per file before they are stored early.
+const MAX_BUFFERED_CHUNKS: usize = 256;
+
+enum Slot {
+    /// Bytes of the slot from its start (shorter than a chunk: zeros follow).
+    Buffered(Vec<u8>),
+    /// Already stored as a chunk.
+    Sealed { hash: Hash, len: u32 },
+}
+
+/// Where contents are read from: the namespace's slots and the chunks.
+#[derive(Clone)]
+pub struct Contents {
+    pub namespace: Namespace,
+    pub chunks: Arc<ChunkStore>,
+}
+
+pub struct FileState {
+    ino: u64,
+    /// The size including uncommitted writes.
+    pub size: u64,
+    pub mtime_ns: i64,
+    dirty: BTreeMap<u64, Slot>,
+    /// Lowest size the file was truncated to since the last commit: slots
+    /// from there on are holes unless written again.
+    truncated_at: Option<u64>,
+    changed: bool,
+    pins: Option<Pinned>,
+}
+
+impl FileState {
+    pub fn new(inode: &Inode) -> Self {
+        FileState {
+            ino: inode.ino,
+            size: inode.size,
+            mtime_ns: inode.mtime_ns,
+            dirty: BTreeMap::new(),
+            truncated_at: None,
+            changed: false,
+            pins: None,
+        }
+    }
+
+    pub fn is_dirty(&self) -> bool {
+        self.changed
+    }
+
+    /// Re-reads size and mtime from the committed inode, when clean.
+    pub fn refresh(&mut self, inode: &Inode) {
+        if !self.changed {
+            self.size = inode.size;
+            self.mtime_ns = inode.mtime_ns;
+        }
+    }
+
+    fn truncated_away(&self, index: u64) -> bool {
+        self.truncated_at
+            .is_some_and(|t| index >= t.div_ceil(CHUNK_SIZE))
+    }
+
+    /// The current bytes of slot `index`, as a buffer to change.
+    fn take_buffer(&mut self, contents: &Contents, index: u64) -> Result<Vec<u8>> {
+        let mut buf = match self.dirty.remove(&index) {
+            Some(Slot::Buffered(v)) => v,
+            Some(Slot::Sealed { hash, .. }) => contents.chunks.get(&hash, None)?,
+            None if self.truncated_away(index) => Vec::new(),
+            None => match contents
+                .namespace
+                .chunk_slots(self.ino, index, index, None)?
+                .pop()
+            {
+                Some(slot) => contents.chunks.get(&slot.hash, None)?,
+                None => Vec::new(),
+            },
+        };
+        buf.reserve_exact(CHUNK.saturating_sub(buf.len()));
+        Ok(buf)
+    }
+
+    pub fn write(
+        &mut self,
+        contents: &Contents,
+        offset: u64,
+        data: &[u8],
+        now_ns: i64,
+    ) -> Result<()> {
+        let mut pos = offset;
+        let mut rest = data;
+        while !rest.is_empty() {
+            let index = pos / CHUNK_SIZE;
+            let within = (pos % CHUNK_SIZE) as usize;
+            let n = rest.len().min(CHUNK - within);
+            let mut buf = if within == 0 && n == CHUNK {
+                Vec::with_capacity(CHUNK) // overwritten whole: no need to read it
+            } else {
+                self.take_buffer(contents, index)?
+            };
+            if buf.len() < within + n {
+                buf.resize(within + n, 0);
+            }
+            buf[within..within + n].copy_from_slice(&rest[..n]);
+            self.dirty.insert(index, Slot::Buffered(buf));
+            pos += n as u64;
+            rest = &rest[n..];
+        }
+        self.size = self.size.max(offset + data.len() as u64);
+        self.mtime_ns = now_ns;
+        self.changed = true;
+        let buffered = self
+            .dirty
+            .values()
+            .filter(|s| matches!(s, Slot::Buffered(_)))
+            .count();
+        if buffered > MAX_BUFFERED_CHUNKS {
+            self.seal_all(contents)?;
+        }
+        Ok(())
+    }
+
+    pub fn truncate(&mut self, contents: &Contents, size: u64, now_ns: i64) -> Result<()> {
+        if size < self.size {
+            let kept_slots = size.div_ceil(CHUNK_SIZE);
+            self.dirty.retain(|&i, _| i < kept_slots);
+            let within = (size % CHUNK_SIZE) as usize;
+            if within != 0 {
+                let index = size / CHUNK_SIZE;
+                let mut buf = self.take_buffer(contents, index)?;
+                buf.truncate(within);
+                self.dirty.insert(index, Slot::Buffered(buf));
+            }
+            self.truncated_at = Some(self.truncated_at.map_or(size, |t| t.min(size)));
+        }
+        self.size = size;
+        self.mtime_ns = now_ns;
+        self.changed = true;
+        Ok(())
+    }
+
+    /// Stores every buffered slot as a chunk, keeping it pinned.
+    fn seal_all(&mut self, contents: &Contents) -> Result<()> {
+        let pins = self
+            .pins
+            .get_or_insert_with(|| Pinned::new(contents.chunks.clone()));
+        for slot in self.dirty.values_mut() {
+            if let Slot::Buffered(buf) = slot {
+                let hash = pins.put(buf)?;
+                *slot = Slot::Sealed {
+                    hash,
+                    len: buf.len() as u32,
+                };
+            }
+        }
+        Ok(())
+    }
+
+    /// The command that commits what changed. The state stays dirty until
+    /// `committed` is called, so a failed commit can be retried.
+    pub fn update(&mut self, contents: &Contents) -> Result<SetContent> {
+        self.seal_all(contents)?;
+        let chunks = self
+            .dirty
+            .iter()
+            .map(|(&index, slot)| match slot {
+                Slot::Sealed { hash, len } if *len > 0 => ChunkRef {
+                    index,
+                    hash: hash.to_vec(),
+                    len: *len,
+                },
+                _ => ChunkRef {
+                    index,
+                    hash: vec![],
+                    len: 0,
+                },
+            })
+            .collect();
+        Ok(SetContent {
+            ino: self.ino,
+            size: self.size,
+            truncated_at: self.truncated_at,
+            chunks,
+            mtime_ns: self.mtime_ns,
+        })
+    }
+
+    /// The update was applied: nothing is dirty any more.
+    pub fn committed(&mut self, inode: &Inode) {
+        self.dirty.clear();
+        self.truncated_at = None;
+        self.changed = false;
+        self.pins = None;
+        self.refresh(inode);
+    }
+
+    /// Reads `[offset, offset+len)` of the file as this node sees it: the
+    /// uncommitted writes over the committed contents.
+    pub fn read(&self, contents: &Contents, offset: u64, len: u64) -> Result<Vec<u8>> {
+        read_range(contents, self.ino, self.size, offset, len, Some(self))
+    }
+}
+
+/// Reads a byte range of file `ino` of `size` bytes, with the uncommitted
+/// writes of `state` (if any) over the committed slots. Holes and bytes
+/// past a chunk's end read as zeros.
+pub fn read_range(
+    contents: &Contents,
+    ino: u64,
+    size: u64,
+    offset: u64,
+    len: u64,
+    state: Option<&FileState>,
+) -> Result<Vec<u8>> {
+    if offset >= size || len == 0 {
+        return Ok(Vec::new());
+    }
+    let end = size.min(offset.saturating_add(len));
+    let (first, last) = (offset / CHUNK_SIZE, (end - 1) / CHUNK_SIZE);
+    // One snapshot for slots and chunks: a concurrent commit cannot pull a
+    // chunk away between the two reads.
+    let snapshot = contents.namespace.store().db().snapshot();
+    let committed = contents
+        .namespace
+        .chunk_slots(ino, first, last, Some(&snapshot))?;
+    let mut committed = committed.into_iter().peekable();
+    let mut out = vec![0u8; (end - offset) as usize];
+    for index in first..=last {
+        let slot = loop {
+            match committed.peek() {
+                Some(s) if s.index < index => {
+                    committed.next();
+                }
+                Some(s) if s.index == index => break committed.next(),
+                _ => break None,
+            }
+        };
+        let data: Cow<'_, [u8]> = match state.and_then(|s| s.dirty.get(&index)) {
+            Some(Slot::Buffered(v)) => Cow::Borrowed(v),
+            Some(Slot::Sealed { hash, .. }) => Cow::Owned(contents.chunks.get(hash, None)?),
+            None if state.is_some_and(|s| s.truncated_away(index)) => continue,
+            None => match slot {
+                Some(s) => Cow::Owned(contents.chunks.get(&s.hash, Some(&snapshot))?),
+                None => continue,
+            },
+        };
+        let chunk_start = index * CHUNK_SIZE;
+        let from = offset.max(chunk_start);
+        let to = end.min(chunk_start + data.len() as u64);
+        if to > from {
+            let src = &data[(from - chunk_start) as usize..(to - chunk_start) as usize];
+            let dst = (from - offset) as usize;
+            out[dst..dst + src.len()].copy_from_slice(src);
+        }
+    }
+    Ok(out)
+}

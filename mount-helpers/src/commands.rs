@@ -1,0 +1,130 @@
+//! The `wpfs` subcommands other than `mount` (see `daemon`): creating a
+//! node's data directory, printing its token, and showing its status.
+
+use std::path::Path;
+
+use serde_json::{json, Value};
+use wpfs_consensus::raft_log::RaftLog;
+use wpfs_consensus::{Namespace, Store};
+
+use crate::admin;
+use crate::config::{db_path, prepare_new_dir, NodeConfig, SOCKET_FILE};
+
+/// `wpfs init`: a new cluster whose only voter is this node.
+pub fn init(dir: &Path, node_id: u64, listen: &str, admin: Option<&str>) -> Result<String, String> {
+    check_node_id(node_id)?;
+    check_addr(listen, "--listen")?;
+    if let Some(a) = admin {
+        check_addr(a, "--admin")?;
+    }
+    prepare_new_dir(dir)?;
+    let config = NodeConfig::new(node_id, listen.to_string(), admin.map(str::to_string));
+    // SAFETY: getuid/getgid have no preconditions.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    wpfs_consensus::bootstrap(&db_path(dir), node_id, wpfs_fs::core::now_ns(), uid, gid)?;
+    config.create(dir)?;
+    Ok(config.join_token())
+}
+
+/// `wpfs join`: records which cluster this node will join on first mount.
+pub fn join(dir: &Path, node_id: u64, listen: &str, peer: &str, token: &str) -> Result<(), String> {
+    check_node_id(node_id)?;
+    check_addr(listen, "--listen")?;
+    check_addr(peer, "--peer")?;
+    let parts: Vec<&str> = token.splitn(4, '.').collect();
+    let ["wpfs1", cluster_id, secret, _addr] = parts[..] else {
+        return Err(
+            "that is not a wpfs join token: copy the last line `wpfs init` printed \
+             (or run `wpfs token --data DIR` on a member)"
+                .into(),
+        );
+    };
+    prepare_new_dir(dir)?;
+    let mut config = NodeConfig::new(node_id, listen.to_string(), None);
+    config.cluster_id = cluster_id.to_string();
+    config.secret = secret.to_string();
+    config.peer = Some(peer.to_string());
+    config.create(dir)
+}
+
+pub fn token(dir: &Path) -> Result<String, String> {
+    Ok(NodeConfig::load(dir)?.join_token())
+}
+
+/// `wpfs status`: from the running daemon, or from the store when stopped.
+pub fn status(dir: &Path) -> Result<Value, String> {
+    let config = NodeConfig::load(dir)?;
+    if let Some(body) = admin::query(&dir.join(SOCKET_FILE), "/status") {
+        return serde_json::from_str(&body)
+            .map_err(|e| format!("the daemon answered garbage: {e}"));
+    }
+    let db = db_path(dir);
+    let store = Store::open_read_only(&db).map_err(|e| e.to_string())?;
+    let namespace = Namespace::new(store.clone());
+    let (applied, _) = namespace.applied().map_err(|e| e.to_string())?;
+    let log = RaftLog::open(store.clone()).map_err(|e| e.to_string())?;
+    Ok(json!({
+        "node_id": config.node_id,
+        "cluster_id": config.cluster_id,
+        "listen": config.listen,
+        "running": false,
+        "role": "stopped",
+        "leader": 0,
+        "term": log.hard_state().term,
+        "commit_index": log.hard_state().commit,
+        "applied_index": applied,
+        "first_log_index": log.first_index_now(),
+        "last_log_index": log.last_index_now(),
+        "voters": log.conf_state().voters,
+        "learners": log.conf_state().learners,
+        "store_bytes": store.size_bytes(),
+        "inodes": namespace.inode_count().unwrap_or(0),
+        "mounted": false,
+        "mountpoint": null,
+        "health": "not running: start it with `wpfs mount DIR MOUNTPOINT`",
+    }))
+}
+
+/// The status as the human-readable lines `wpfs status` prints.
+pub fn status_text(s: &Value) -> String {
+    let field = |k: &str| match &s[k] {
+        Value::String(v) => v.clone(),
+        Value::Null => "-".into(),
+        v => v.to_string(),
+    };
+    [
+        ("node", "node_id"),
+        ("cluster", "cluster_id"),
+        ("role", "role"),
+        ("leader", "leader"),
+        ("term", "term"),
+        ("applied index", "applied_index"),
+        ("commit index", "commit_index"),
+        ("voters", "voters"),
+        ("learners", "learners"),
+        ("store size", "store_bytes"),
+        ("inodes", "inodes"),
+        ("mounted", "mounted"),
+        ("mountpoint", "mountpoint"),
+        ("health", "health"),
+    ]
+    .iter()
+    .map(|(label, key)| format!("{label:<14} {}\n", field(key)))
+    .collect()
+}
+
+fn check_node_id(id: u64) -> Result<(), String> {
+    if id == 0 {
+        return Err("--node-id must be a positive number, unique in the cluster".into());
+    }
+    Ok(())
+}
+
+fn check_addr(addr: &str, flag: &str) -> Result<(), String> {
+    match addr.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
+        _ => Err(format!(
+            "{flag} {addr}: expected HOST:PORT, e.g. 10.0.0.5:7400"
+        )),
+    }
+}

@@ -1,0 +1,328 @@
+//! `wpfs mount`: checks what a newcomer gets wrong first (with one clear
+//! line each), then runs the node: the store, the Raft driver, the
+//! filesystem core, the admin endpoint and the FUSE session.
+//!
+//! Without `--foreground` the process forks before it starts any thread;
+//! the parent waits on a pipe until the child reports "mounted" (exit 0)
+//! or why it could not (non-zero), so `mount` and systemd see the truth.
+//! `umount MOUNTPOINT` (or SIGTERM) ends the session; the daemon then
+//! commits open files, syncs the store and exits 0.
+
+use std::ffi::CString;
+use std::fs;
+use std::io::Write;
+use std::os::fd::{FromRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use wpfs_consensus::{Node, Store, StoreError};
+use wpfs_fs::{CoreOptions, FsCore, MountOptions};
+
+use crate::admin::{self, AdminState};
+use crate::config::{db_path, NodeConfig, LOG_FILE, SOCKET_FILE};
+use crate::options::Options;
+
+pub struct MountRequest {
+    pub dir: PathBuf,
+    pub mountpoint: PathBuf,
+    pub options: Options,
+    pub foreground: bool,
+}
+
+/// Mounts as asked; returns once mounted (daemon) or unmounted (foreground).
+pub fn mount(req: MountRequest) -> Result<(), String> {
+    let config = NodeConfig::load(&req.dir)?;
+    let dir = fs::canonicalize(&req.dir).map_err(|e| format!("{}: {e}", req.dir.display()))?;
+    let mountpoint = check_mountpoint(&req.mountpoint)?;
+    check_fuse(&req.options)?;
+    let req = MountRequest {
+        dir,
+        mountpoint,
+        ..req
+    };
+    if req.foreground {
+        run(&req, &config, &mut Reporter::none())
+    } else {
+        daemonize(&req, &config)
+    }
+}
+
+fn check_mountpoint(mp: &Path) -> Result<PathBuf, String> {
+    let meta = fs::metadata(mp).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => format!(
+            "mountpoint {} does not exist: create it with `mkdir -p {}`",
+            mp.display(),
+            mp.display()
+        ),
+        _ => format!("mountpoint {}: {e}", mp.display()),
+    })?;
+    if !meta.is_dir() {
+        return Err(format!("mountpoint {} is not a directory", mp.display()));
+    }
+    let mp = fs::canonicalize(mp).map_err(|e| format!("{}: {e}", mp.display()))?;
+    if is_mount_point(&mp) {
+        return Err(format!(
+            "{} is already a mount point (busy): `umount {}` first, or pick another directory",
+            mp.display(),
+            mp.display()
+        ));
+    }
+    Ok(mp)
+}
+
+fn is_mount_point(path: &Path) -> bool {
+    let Ok(mounts) = fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let wanted = path.to_string_lossy();
+    mounts
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|m| m.replace("\\040", " ") == wanted)
+}
+
+fn check_fuse(options: &Options) -> Result<(), String> {
+    if !Path::new("/dev/fuse").exists() {
+        return Err(
+            "no /dev/fuse: install FUSE (`apt-get install fuse3`) or load the module (`modprobe fuse`)".into(),
+        );
+    }
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        let conf = fs::read_to_string("/etc/fuse.conf").unwrap_or_default();
+        let allowed = conf.lines().any(|l| l.trim() == "user_allow_other");
+        if options.allow_other && !allowed {
+            return Err(
+                "allow_other as a non-root user needs `user_allow_other` in /etc/fuse.conf \
+                 (or mount as root)"
+                    .into(),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Tells the waiting parent how mounting went, once.
+struct Reporter {
+    fd: Option<RawFd>,
+}
+
+impl Reporter {
+    fn none() -> Self {
+        Reporter { fd: None }
+    }
+
+    fn report(&mut self, result: Result<(), &str>) {
+        if let Some(fd) = self.fd.take() {
+            // SAFETY: fd is the write end of our pipe, owned only here.
+            let mut f = unsafe { fs::File::from_raw_fd(fd) };
+            let _ = match result {
+                Ok(()) => writeln!(f, "ok"),
+                Err(e) => writeln!(f, "{e}"),
+            };
+        }
+    }
+}
+
+fn daemonize(req: &MountRequest, config: &NodeConfig) -> Result<(), String> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: fds is a valid array of two ints.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return Err(format!("pipe: {}", std::io::Error::last_os_error()));
+    }
+    let (read_fd, write_fd) = (fds[0], fds[1]);
+    // SAFETY: no thread has been started yet in this process.
+    match unsafe { libc::fork() } {
+        -1 => Err(format!("fork: {}", std::io::Error::last_os_error())),
+        0 => {
+            // SAFETY: closing our copy of the read end.
+            unsafe { libc::close(read_fd) };
+            let mut reporter = Reporter { fd: Some(write_fd) };
+            let code = match detach(&req.dir).and_then(|_| run(req, config, &mut reporter)) {
+                Ok(()) => 0,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    reporter.report(Err(&e));
+                    1
+                }
+            };
+            std::process::exit(code);
+        }
+        _child => {
+            // SAFETY: closing our copy of the write end, then owning the read end.
+            unsafe { libc::close(write_fd) };
+            let mut answer = String::new();
+            let mut f = unsafe { fs::File::from_raw_fd(read_fd) };
+            let _ = std::io::Read::read_to_string(&mut f, &mut answer);
+            match answer.trim() {
+                "ok" => Ok(()),
+                "" => Err(format!(
+                    "the wpfs daemon exited before mounting: see {}",
+                    req.dir.join(LOG_FILE).display()
+                )),
+                why => Err(why.to_string()),
+            }
+        }
+    }
+}
+
+/// Leaves the terminal: new session, stdin from /dev/null, output to the log.
+fn detach(dir: &Path) -> Result<(), String> {
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(LOG_FILE))
+        .map_err(|e| format!("cannot open {}: {e}", dir.join(LOG_FILE).display()))?;
+    let null = CString::new("/dev/null").expect("no NUL");
+    // SAFETY: plain syscalls on fds we own; no threads exist yet.
+    unsafe {
+        libc::setsid();
+        let devnull = libc::open(null.as_ptr(), libc::O_RDONLY);
+        libc::dup2(devnull, 0);
+        libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&log), 1);
+        libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&log), 2);
+    }
+    Ok(())
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WPFS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+}
+
+/// Blocks the stop signals in this thread (and every thread it starts);
+/// a dedicated thread takes them with sigwait.
+fn block_stop_signals() -> libc::sigset_t {
+    // SAFETY: sigset manipulation on a local, then pthread_sigmask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn run(req: &MountRequest, config: &NodeConfig, reporter: &mut Reporter) -> Result<(), String> {
+    init_logging();
+    let signals = block_stop_signals();
+    let db = db_path(&req.dir);
+    let store = Store::open(&db, false).map_err(|e| match e {
+        StoreError::Locked { .. } => format!(
+            "{} is in use by a running wpfs (mounted elsewhere?): `wpfs status --data {}` shows where",
+            req.dir.display(),
+            req.dir.display()
+        ),
+        other => other.to_string(),
+    })?;
+    let node = Arc::new(
+        Node::start(
+            wpfs_consensus::NodeConfig::new(config.node_id),
+            store.clone(),
+        )
+        .map_err(|e| format!("cannot start Raft: {e}"))?,
+    );
+    if !node.wait_for_leader(req.options.write_timeout) {
+        tracing::warn!(
+            "no Raft leader yet: the mount serves reads, writes fail until one is elected"
+        );
+    }
+    let core = FsCore::new(
+        node.clone(),
+        store,
+        CoreOptions {
+            write_timeout: req.options.write_timeout,
+            read_only: req.options.read_only,
+            data_dir: req.dir.clone(),
+        },
+    );
+    if !req.options.read_only {
+        match core.reap_orphans() {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("freed {n} files unlinked while open before the last stop"),
+            Err(e) => tracing::warn!("could not free orphans: {e:?}"),
+        }
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let maintenance = spawn_maintenance(core.clone(), stop.clone());
+
+    let mount_opts = MountOptions {
+        source: req.dir.to_string_lossy().into_owned(),
+        allow_other: req.options.allow_other,
+        read_only: req.options.read_only,
+        cache_ttl: req.options.cache_ttl,
+        threads: req.options.threads,
+    };
+    let mut session = wpfs_fs::mount(core.clone(), &req.mountpoint, &mount_opts)
+        .map_err(|e| format!("cannot mount at {}: {e}", req.mountpoint.display()))?;
+    let state = Arc::new(AdminState {
+        core: core.clone(),
+        config: config.clone(),
+        mountpoint: req.mountpoint.clone(),
+        mounted: AtomicBool::new(true),
+    });
+    admin::serve(
+        state.clone(),
+        &req.dir.join(SOCKET_FILE),
+        config.admin.as_deref(),
+    )?;
+    tracing::info!(
+        "node {} mounted {} at {}",
+        config.node_id,
+        req.dir.display(),
+        req.mountpoint.display()
+    );
+    reporter.report(Ok(()));
+
+    let mut unmounter = session.unmount_callable();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let mut sig = 0;
+            // SAFETY: waits for one of the signals blocked above.
+            if unsafe { libc::sigwait(&signals, &mut sig) } == 0 {
+                tracing::info!("signal {sig}: unmounting");
+                if let Err(e) = unmounter.unmount() {
+                    tracing::error!("unmount failed: {e} (is the mount busy?)");
+                }
+            }
+        })
+        .map_err(|e| e.to_string())?;
+
+    let served = session.run();
+    state.mounted.store(false, Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    let _ = maintenance.join();
+    node.stop();
+    tracing::info!("unmounted {}; store closed", req.mountpoint.display());
+    served.map_err(|e| format!("FUSE session ended with an error: {e}"))
+}
+
+/// Collects unreferenced chunks every few seconds.
+fn spawn_maintenance(core: Arc<FsCore>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("maintenance".into())
+        .spawn(move || {
+            let mut ticks = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+                ticks += 1;
+                if ticks % 20 == 0 {
+                    if let Err(e) = core.collect_garbage() {
+                        tracing::warn!("chunk collection failed: {e:?}");
+                    }
+                }
+            }
+        })
+        .expect("spawning a thread")
+}

@@ -1,0 +1,15 @@
+//! The `wpfs` command and `mount.wpfs`: operator-facing entry points.
+//!
+//! - `config`: the data directory and its `wpfs.json`;
+//! - `options`: mount options (`-o`, fstab);
+//! - `daemon`: `wpfs mount`, the running node;
+//! - `admin`: the status/health/metrics endpoint;
+//! - `commands`: init, join, token, status;
+//! - `mount_helper`: `mount.wpfs`, for mount(8) and /etc/fstab.
+
+pub mod admin;
+pub mod commands;
+pub mod config;
+pub mod daemon;
+pub mod mount_helper;
+pub mod options;

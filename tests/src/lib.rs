@@ -1,0 +1,258 @@
+//! Test harness: real `wpfs` processes with real FUSE mounts.
+//!
+//! `Cluster::single()` makes a data directory with `wpfs init`, mounts it
+//! with `wpfs mount` (the daemon, as a user would) and unmounts it on drop.
+//! The binaries are taken from the build directory (`cargo build --bins`
+//! first; `.ci/run` and the README's test command do) or `$WPFS_BIN`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+/// The directory holding the built `wpfs` and `mount.wpfs`.
+pub fn bin_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("WPFS_BIN") {
+        return PathBuf::from(p);
+    }
+    // target/<profile>/deps/<test> → target/<profile>
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf();
+    assert!(
+        dir.join("wpfs").exists(),
+        "{} has no wpfs binary: run `cargo build --bins` before the tests",
+        dir.display()
+    );
+    // mount.wpfs is a link to wpfs (`make build` makes it too).
+    let helper = dir.join("mount.wpfs");
+    if !helper.exists() {
+        let _ = std::os::unix::fs::symlink("wpfs", &helper);
+    }
+    dir
+}
+
+pub fn wpfs(args: &[&str]) -> Output {
+    Command::new(bin_dir().join("wpfs"))
+        .args(args)
+        .output()
+        .expect("running wpfs")
+}
+
+/// Runs wpfs and returns stdout, failing the test with stderr otherwise.
+pub fn wpfs_ok(args: &[&str]) -> String {
+    let out = wpfs(args);
+    assert!(
+        out.status.success(),
+        "wpfs {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Whether FUSE mounts can work here; tests that need them skip (with a
+/// printed reason) where they cannot.
+pub fn fuse_available() -> bool {
+    let ok = Path::new("/dev/fuse").exists() && unsafe { libc::geteuid() } == 0;
+    if !ok {
+        eprintln!("SKIPPED: needs /dev/fuse and root (the CI machine has both)");
+    }
+    ok
+}
+
+static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
+
+fn port() -> u16 {
+    let base = 20000 + (std::process::id() % 2000) as u16 * 10;
+    base + NEXT_PORT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// One node: its data directory and mountpoint.
+pub struct Node {
+    pub root: tempfile::TempDir,
+    pub data: PathBuf,
+    pub mnt: PathBuf,
+}
+
+impl Node {
+    /// `wpfs init` + `wpfs mount` in a fresh temporary directory.
+    pub fn single() -> Node {
+        Self::single_with(&[])
+    }
+
+    pub fn single_with(mount_options: &[&str]) -> Node {
+        let root = tempfile::Builder::new()
+            .prefix("wpfs-test-")
+            .tempdir_in(std::env::var_os("WPFS_TEST_DIR").unwrap_or_else(|| "/var/tmp".into()))
+            .expect("temp dir");
+        let data = root.path().join("data");
+        let mnt = root.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let listen = format!("127.0.0.1:{}", port());
+        wpfs_ok(&[
+            "init",
+            "--data",
+            s(&data),
+            "--node-id",
+            "1",
+            "--listen",
+            &listen,
+        ]);
+        let node = Node { root, data, mnt };
+        node.mount_with(mount_options);
+        node
+    }
+
+    pub fn mount(&self) {
+        self.mount_with(&[]);
+    }
+
+    pub fn mount_with(&self, options: &[&str]) {
+        let mut args = vec!["mount", s(&self.data), s(&self.mnt)];
+        let joined = options.join(",");
+        if !options.is_empty() {
+            args.extend(["-o", &joined]);
+        }
+        wpfs_ok(&args);
+    }
+
+    /// `umount`, then waits until the daemon has exited.
+    pub fn unmount(&self) {
+        let pid = self.pid();
+        let out = Command::new("umount").arg(&self.mnt).output().unwrap();
+        assert!(
+            out.status.success(),
+            "umount: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if let Some(pid) = pid {
+            wait_gone(pid, Duration::from_secs(30));
+        }
+    }
+
+    /// The daemon's pid, from its status endpoint.
+    pub fn pid(&self) -> Option<i32> {
+        let v = self.status();
+        v["pid"].as_i64().map(|p| p as i32)
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let out = wpfs_ok(&["status", "--data", s(&self.data), "--json"]);
+        serde_json::from_str(&out).expect("status JSON")
+    }
+
+    /// kill -9 the daemon; the mount is left dead, then lazily detached.
+    pub fn kill9(&self) {
+        let pid = self.pid().expect("daemon pid");
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        wait_gone(pid, Duration::from_secs(30));
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).output();
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let pid = std::panic::catch_unwind(|| self.pid()).ok().flatten();
+        let _ = Command::new("umount").arg(&self.mnt).output();
+        if let Some(pid) = pid {
+            if !wait_gone(pid, Duration::from_secs(10)) {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                wait_gone(pid, Duration::from_secs(10));
+            }
+        }
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).output();
+    }
+}
+
+/// Waits for process `pid` to exit; false on timeout.
+pub fn wait_gone(pid: i32, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if unsafe { libc::kill(pid, 0) } != 0 {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// The errno of the last failed libc call.
+pub fn last_errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+/// A local directory to compare against (same filesystem as the temp dirs).
+pub fn local_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("wpfs-local-")
+        .tempdir_in("/var/tmp")
+        .expect("temp dir")
+}
+
+/// A snapshot of a tree for comparisons: path → (kind, mode, size, bytes or target).
+pub fn tree(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    walk(root, root, &mut out);
+    out.sort();
+    out
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+    use std::os::unix::fs::MetadataExt;
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .collect();
+    entries.sort();
+    for p in entries {
+        let m = std::fs::symlink_metadata(&p).unwrap();
+        let rel = p.strip_prefix(root).unwrap().display().to_string();
+        let ft = m.file_type();
+        if ft.is_dir() {
+            out.push(format!(
+                "{rel} dir {:o} nlink={}",
+                m.mode() & 0o7777,
+                m.nlink()
+            ));
+            walk(root, &p, out);
+        } else if ft.is_symlink() {
+            out.push(format!(
+                "{rel} -> {}",
+                std::fs::read_link(&p).unwrap().display()
+            ));
+        } else if ft.is_file() {
+            let bytes = std::fs::read(&p).unwrap();
+            out.push(format!(
+                "{rel} file {:o} nlink={} size={} digest={}",
+                m.mode() & 0o7777,
+                m.nlink(),
+                m.len(),
+                digest(&bytes)
+            ));
+        } else {
+            out.push(format!("{rel} special {:o}", m.mode()));
+        }
+    }
+}
+
+fn digest(b: &[u8]) -> String {
+    // A cheap stable digest for comparisons; not security relevant.
+    let mut h: u64 = 0xcbf29ce484222325;
+    for &x in b {
+        h ^= x as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("{h:016x}")
+}

@@ -1,0 +1,184 @@
+//! The command-line contract and the errors a newcomer hits: each is one
+//! clear line naming the cause, with a non-zero exit, never a panic.
+
+use std::process::Command;
+
+use wpfs_tests::{bin_dir, fuse_available, local_dir, s, wpfs, wpfs_ok, Node};
+
+fn stderr_of(args: &[&str]) -> String {
+    let out = wpfs(args);
+    assert!(!out.status.success(), "wpfs {args:?} should fail");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!err.contains("panicked"), "wpfs {args:?} panicked: {err}");
+    assert_eq!(
+        err.trim().lines().count(),
+        1,
+        "expected one line, got: {err}"
+    );
+    err
+}
+
+#[test]
+fn init_prints_token_last_and_refuses_an_existing_store() {
+    let tmp = local_dir();
+    let data = tmp.path().join("d");
+    let out = wpfs_ok(&[
+        "init",
+        "--data",
+        s(&data),
+        "--node-id",
+        "1",
+        "--listen",
+        "127.0.0.1:7400",
+    ]);
+    let token = out.trim().lines().last().unwrap().to_string();
+    assert!(
+        token.starts_with("wpfs1."),
+        "last line is not a token: {out}"
+    );
+    assert_eq!(wpfs_ok(&["token", "--data", s(&data)]).trim(), token);
+    let err = stderr_of(&[
+        "init",
+        "--data",
+        s(&data),
+        "--node-id",
+        "1",
+        "--listen",
+        "127.0.0.1:7400",
+    ]);
+    assert!(err.contains("already holds"), "{err}");
+    let err = stderr_of(&[
+        "init",
+        "--data",
+        s(&tmp.path().join("e")),
+        "--node-id",
+        "1",
+        "--listen",
+        "nonsense",
+    ]);
+    assert!(err.contains("HOST:PORT"), "{err}");
+}
+
+#[test]
+fn status_of_a_stopped_node() {
+    let tmp = local_dir();
+    let data = tmp.path().join("d");
+    wpfs_ok(&[
+        "init",
+        "--data",
+        s(&data),
+        "--node-id",
+        "3",
+        "--listen",
+        "127.0.0.1:7400",
+    ]);
+    let v: serde_json::Value =
+        serde_json::from_str(&wpfs_ok(&["status", "--data", s(&data), "--json"])).unwrap();
+    assert_eq!(v["node_id"], 3);
+    assert_eq!(v["role"], "stopped");
+    assert_eq!(v["mounted"], false);
+    let text = wpfs_ok(&["status", "--data", s(&data)]);
+    assert!(text.contains("health"), "{text}");
+    let err = stderr_of(&["status", "--data", s(&tmp.path().join("nothing"))]);
+    assert!(err.contains("does not exist"), "{err}");
+}
+
+#[test]
+fn mount_errors_name_their_cause() {
+    let tmp = local_dir();
+    let data = tmp.path().join("d");
+    let mnt = tmp.path().join("m");
+    std::fs::create_dir(&mnt).unwrap();
+    let err = stderr_of(&["mount", s(&data), s(&mnt)]);
+    assert!(err.contains("does not exist"), "{err}");
+    std::fs::create_dir(&data).unwrap();
+    let err = stderr_of(&["mount", s(&data), s(&mnt)]);
+    assert!(err.contains("not a wpfs data directory"), "{err}");
+    wpfs_ok(&[
+        "init",
+        "--data",
+        s(&data),
+        "--node-id",
+        "1",
+        "--listen",
+        "127.0.0.1:7400",
+    ]);
+    let err = stderr_of(&["mount", s(&data), s(&tmp.path().join("nomnt"))]);
+    assert!(err.contains("mkdir -p"), "{err}");
+    let err = stderr_of(&["mount", s(&data), s(&mnt), "-o", "rw,frobnicate"]);
+    assert!(err.contains("frobnicate"), "{err}");
+}
+
+#[test]
+fn a_running_node_refuses_a_second_mount_and_a_busy_mountpoint() {
+    if !fuse_available() {
+        return;
+    }
+    let node = Node::single();
+    let other = node.root.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    let err = stderr_of(&["mount", s(&node.data), s(&other)]);
+    assert!(err.contains("in use"), "{err}");
+    let err = stderr_of(&["mount", s(&node.data), s(&node.mnt)]);
+    assert!(err.contains("already a mount point"), "{err}");
+    let v = node.status();
+    assert_eq!(v["role"], "leader");
+    assert_eq!(v["mounted"], true);
+    assert_eq!(v["health"], "ok");
+}
+
+#[test]
+fn mount_wpfs_takes_fstab_options() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = local_dir();
+    let data = tmp.path().join("d");
+    let mnt = tmp.path().join("m");
+    std::fs::create_dir(&mnt).unwrap();
+    wpfs_ok(&[
+        "init",
+        "--data",
+        s(&data),
+        "--node-id",
+        "1",
+        "--listen",
+        "127.0.0.1:7401",
+    ]);
+    let helper = bin_dir().join("mount.wpfs");
+    let bad = Command::new(&helper)
+        .args([s(&data), s(&mnt), "-o", "defaults,bogus"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(32));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("bogus"));
+    let ok = Command::new(&helper)
+        .args([
+            s(&data),
+            s(&mnt),
+            "-o",
+            "defaults,_netdev,allow_other,noauto,x-systemd.automount",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "mount.wpfs: {}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    std::fs::write(mnt.join("hello"), b"fstab").unwrap();
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(
+        mounts
+            .lines()
+            .any(|l| l.contains(s(&mnt)) && l.contains("fuse.wpfs")),
+        "not in /proc/mounts"
+    );
+    let out = Command::new("umount").arg(&mnt).output().unwrap();
+    assert!(out.status.success());
+    // The daemon exits after umount: the store opens again.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let v: serde_json::Value =
+        serde_json::from_str(&wpfs_ok(&["status", "--data", s(&data), "--json"])).unwrap();
+    assert_eq!(v["role"], "stopped");
+}

@@ -167,18 +167,28 @@ fn mount_wpfs_takes_fstab_options() {
         String::from_utf8_lossy(&ok.stderr)
     );
     std::fs::write(mnt.join("hello"), b"fstab").unwrap();
+    // fuser mounts with type "fuse" (no subtype); the source is the data dir.
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let line = format!("{} {} fuse ", s(&data), s(&mnt));
     assert!(
-        mounts
-            .lines()
-            .any(|l| l.contains(s(&mnt)) && l.contains("fuse.wpfs")),
-        "not in /proc/mounts"
+        mounts.lines().any(|l| l.starts_with(&line)),
+        "{line} not in /proc/mounts:\n{mounts}"
     );
     let out = Command::new("umount").arg(&mnt).output().unwrap();
     assert!(out.status.success());
-    // The daemon exits after umount: the store opens again.
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    let v: serde_json::Value =
-        serde_json::from_str(&wpfs_ok(&["status", "--data", s(&data), "--json"])).unwrap();
-    assert_eq!(v["role"], "stopped");
+    // The daemon exits after umount and leaves the store closed.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let v: serde_json::Value =
+            serde_json::from_str(&wpfs_ok(&["status", "--data", s(&data), "--json"])).unwrap();
+        if v["role"] == "stopped" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon did not exit after umount"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(std::fs::read(mnt.join("hello")).is_err(), "still mounted");
 }

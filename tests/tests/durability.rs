@@ -17,6 +17,19 @@ fn content(i: u64) -> Vec<u8> {
     (0..len).map(|j| ((i * 31 + j) % 253) as u8).collect()
 }
 
+/// Writes a file and returns Ok only if close() itself succeeded (Rust's
+/// `File` drop ignores close errors, which is where a FUSE flush fails).
+fn write_and_close(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::fd::IntoRawFd;
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(data)?;
+    if unsafe { libc::close(f.into_raw_fd()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[test]
 fn kill_9_during_a_write_storm_loses_no_closed_file() {
     if !fuse_available() {
@@ -33,8 +46,7 @@ fn kill_9_during_a_write_storm_loses_no_closed_file() {
             std::thread::spawn(move || {
                 let mut i = w;
                 while !stop.load(Ordering::Relaxed) {
-                    // std::fs::write opens, writes and closes; Ok means close() returned.
-                    if std::fs::write(dir.join(format!("f{i}")), content(i)).is_err() {
+                    if write_and_close(&dir.join(format!("f{i}")), &content(i)).is_err() {
                         break;
                     }
                     closed.lock().unwrap().insert(i);

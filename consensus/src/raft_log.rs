@@ -66,8 +66,10 @@ impl RaftLog {
     /// Writes the configuration of a brand-new cluster whose only voter is
     /// `node_id`.
     pub fn bootstrap(store: &Store, node_id: u64) -> raft::Result<()> {
-        let mut cs = ConfState::default();
-        cs.voters = vec![node_id];
+        let cs = ConfState {
+            voters: vec![node_id],
+            ..Default::default()
+        };
         store
             .db()
             .put_cf(store.cf(CF_RAFT), KEY_CONF_STATE, cs.encode_to_vec())
@@ -126,10 +128,11 @@ impl RaftLog {
             return Ok(());
         }
         let term = self.entry_term(index)?;
-        let mut meta = SnapshotMetadata::default();
-        meta.index = index;
-        meta.term = term;
-        meta.conf_state = Some(self.conf_state.clone());
+        let meta = SnapshotMetadata {
+            index,
+            term,
+            conf_state: Some(self.conf_state.clone()),
+        };
         let cf = self.store.cf(CF_RAFT);
         let mut batch = WriteBatch::default();
         batch.put_cf(cf, KEY_SNAPSHOT_META, meta.encode_to_vec());

@@ -25,7 +25,7 @@ impl From<namespace::Error> for Errno {
 impl From<rocksdb::Error> for Errno {
     fn from(e: rocksdb::Error) -> Self {
         tracing::error!("store failed: {e}");
-        store_errno(&e.to_string())
+        store_errno(e.as_ref())
     }
 }
 

@@ -317,7 +317,7 @@ fn spawn_maintenance(core: Arc<FsCore>, stop: Arc<AtomicBool>) -> std::thread::J
             while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(100));
                 ticks += 1;
-                if ticks % 20 == 0 {
+                if ticks.is_multiple_of(20) {
                     if let Err(e) = core.collect_garbage() {
                         tracing::warn!("chunk collection failed: {e:?}");
                     }

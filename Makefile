@@ -14,7 +14,7 @@ DEMO ?= /tmp/wpfs-demo
 export CC := ccache cc
 export CXX := ccache c++
 
-.PHONY: deps build demo test test-rust conformance install clean-demo
+.PHONY: deps build demo test lint test-rust conformance install clean-demo
 
 deps:
 	@if ! dpkg -s fuse3 libclang-dev ccache protobuf-compiler wordpress >/dev/null 2>&1; then \
@@ -40,7 +40,11 @@ clean-demo:
 	-umount $(DEMO)/mnt
 	rm -rf $(DEMO)
 
-test: build test-rust conformance
+test: build lint test-rust conformance
+
+lint:
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
 
 test-rust:
 	cargo test --workspace -- --test-threads=2

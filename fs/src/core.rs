@@ -91,6 +91,9 @@ pub struct Statfs {
 struct OpenFile {
     handles: u32,
     state: Arc<Mutex<FileState>>,
+    /// A name of it was removed while open: the last close checks whether
+    /// it is an orphan to reap (every other close skips that read).
+    may_be_orphan: bool,
 }
 
 pub struct FsCore {
@@ -325,8 +328,14 @@ impl FsCore {
     /// Whether the inode `name` points to is open here: then its last
     /// unlink must keep it (as an orphan) until the last handle closes.
     fn open_target(&self, parent: u64, name: &[u8]) -> Result<bool> {
-        Ok(match self.namespace().lookup(parent, name)? {
-            Some(e) => self.open.lock().contains_key(&e.ino),
+        let Some(entry) = self.namespace().lookup(parent, name)? else {
+            return Ok(false);
+        };
+        Ok(match self.open.lock().get_mut(&entry.ino) {
+            Some(open) => {
+                open.may_be_orphan = true;
+                true
+            }
             None => false,
         })
     }
@@ -472,6 +481,7 @@ impl FsCore {
         let entry = open.entry(ino).or_insert_with(|| OpenFile {
             handles: 0,
             state: Arc::new(Mutex::new(FileState::new(&inode))),
+            may_be_orphan: false,
         });
         entry.handles += 1;
         Ok(self.next_fh.fetch_add(1, Ordering::Relaxed))
@@ -492,6 +502,7 @@ impl FsCore {
             .or_insert_with(|| OpenFile {
                 handles: 0,
                 state: Arc::new(Mutex::new(FileState::new(inode))),
+                may_be_orphan: false,
             })
             .state
             .clone();
@@ -584,7 +595,7 @@ impl FsCore {
         };
         let Some(last) = last else { return Ok(()) };
         let result = self.commit(&mut last.state.lock(), false);
-        if self.namespace().inode(ino)?.is_some_and(|i| i.nlink == 0) {
+        if last.may_be_orphan && self.namespace().inode(ino)?.is_some_and(|i| i.nlink == 0) {
             self.propose(Op::Reap(proto::Reap { ino }), false)?;
         }
         result

@@ -132,34 +132,56 @@ fn handle(state: &AdminState, stream: &mut (impl Read + Write)) {
     );
 }
 
+/// A connection that may wait at most so long for its request.
+trait Connection: Read + Write {
+    fn limit_wait(&self);
+}
+
+impl Connection for std::os::unix::net::UnixStream {
+    fn limit_wait(&self) {
+        let _ = self.set_read_timeout(Some(Duration::from_secs(5)));
+    }
+}
+
+impl Connection for std::net::TcpStream {
+    fn limit_wait(&self) {
+        let _ = self.set_read_timeout(Some(Duration::from_secs(5)));
+    }
+}
+
+/// Answers the connections `accept` yields, one at a time, on a thread.
+fn spawn_server<C: Connection>(
+    name: &str,
+    state: Arc<AdminState>,
+    mut accept: impl FnMut() -> std::io::Result<C> + Send + 'static,
+) -> Result<(), String> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || loop {
+            if let Ok(mut conn) = accept() {
+                conn.limit_wait();
+                handle(&state, &mut conn);
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
 /// Starts the listeners on background threads.
 pub fn serve(state: Arc<AdminState>, socket: &Path, tcp: Option<&str>) -> Result<(), String> {
     let _ = std::fs::remove_file(socket); // left by a killed daemon
     let unix = UnixListener::bind(socket)
         .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
-    let s = state.clone();
-    std::thread::Builder::new()
-        .name("admin-unix".into())
-        .spawn(move || {
-            for mut conn in unix.incoming().flatten() {
-                let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
-                handle(&s, &mut conn);
-            }
-        })
-        .map_err(|e| e.to_string())?;
+    spawn_server("admin-unix", state.clone(), move || {
+        unix.accept().map(|(c, _)| c)
+    })?;
     if let Some(addr) = tcp {
         let listener = TcpListener::bind(addr).map_err(|e| {
             format!("cannot listen on admin address {addr}: {e} (is another node using it?)")
         })?;
-        std::thread::Builder::new()
-            .name("admin-tcp".into())
-            .spawn(move || {
-                for mut conn in listener.incoming().flatten() {
-                    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
-                    handle(&state, &mut conn);
-                }
-            })
-            .map_err(|e| e.to_string())?;
+        spawn_server("admin-tcp", state, move || {
+            listener.accept().map(|(c, _)| c)
+        })?;
     }
     Ok(())
 }

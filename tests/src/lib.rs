@@ -71,6 +71,20 @@ fn port() -> u16 {
     base + NEXT_PORT.fetch_add(1, Ordering::Relaxed)
 }
 
+/// `wpfs init` of node 1 of a new cluster in `data`; returns its output.
+pub fn init(data: &Path) -> String {
+    let listen = format!("127.0.0.1:{}", port());
+    wpfs_ok(&[
+        "init",
+        "--data",
+        s(data),
+        "--node-id",
+        "1",
+        "--listen",
+        &listen,
+    ])
+}
+
 /// One node: its data directory and mountpoint.
 pub struct Node {
     pub root: tempfile::TempDir,
@@ -92,16 +106,7 @@ impl Node {
         let data = root.path().join("data");
         let mnt = root.path().join("mnt");
         std::fs::create_dir(&mnt).unwrap();
-        let listen = format!("127.0.0.1:{}", port());
-        wpfs_ok(&[
-            "init",
-            "--data",
-            s(&data),
-            "--node-id",
-            "1",
-            "--listen",
-            &listen,
-        ]);
+        init(&data);
         let node = Node { root, data, mnt };
         node.mount_with(mount_options);
         node

@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use wpfs_tests::{bin_dir, fuse_available, local_dir, s, wpfs, wpfs_ok, Node};
+use wpfs_tests::{bin_dir, fuse_available, init, local_dir, s, wpfs, wpfs_ok, Node};
 
 fn stderr_of(args: &[&str]) -> String {
     let out = wpfs(args);
@@ -22,15 +22,7 @@ fn stderr_of(args: &[&str]) -> String {
 fn init_prints_token_last_and_refuses_an_existing_store() {
     let tmp = local_dir();
     let data = tmp.path().join("d");
-    let out = wpfs_ok(&[
-        "init",
-        "--data",
-        s(&data),
-        "--node-id",
-        "1",
-        "--listen",
-        "127.0.0.1:7400",
-    ]);
+    let out = init(&data);
     let token = out.trim().lines().last().unwrap().to_string();
     assert!(
         token.starts_with("wpfs1."),
@@ -94,15 +86,7 @@ fn mount_errors_name_their_cause() {
     std::fs::create_dir(&data).unwrap();
     let err = stderr_of(&["mount", s(&data), s(&mnt)]);
     assert!(err.contains("not a wpfs data directory"), "{err}");
-    wpfs_ok(&[
-        "init",
-        "--data",
-        s(&data),
-        "--node-id",
-        "1",
-        "--listen",
-        "127.0.0.1:7400",
-    ]);
+    init(&data);
     let err = stderr_of(&["mount", s(&data), s(&tmp.path().join("nomnt"))]);
     assert!(err.contains("mkdir -p"), "{err}");
     let err = stderr_of(&["mount", s(&data), s(&mnt), "-o", "rw,frobnicate"]);
@@ -136,15 +120,7 @@ fn mount_wpfs_takes_fstab_options() {
     let data = tmp.path().join("d");
     let mnt = tmp.path().join("m");
     std::fs::create_dir(&mnt).unwrap();
-    wpfs_ok(&[
-        "init",
-        "--data",
-        s(&data),
-        "--node-id",
-        "1",
-        "--listen",
-        "127.0.0.1:7401",
-    ]);
+    init(&data);
     let helper = bin_dir().join("mount.wpfs");
     let bad = Command::new(&helper)
         .args([s(&data), s(&mnt), "-o", "defaults,bogus"])

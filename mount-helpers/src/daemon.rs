@@ -33,10 +33,10 @@ pub struct MountRequest {
 
 /// Mounts as asked; returns once mounted (daemon) or unmounted (foreground).
 pub fn mount(req: MountRequest) -> Result<(), String> {
+    check_fuse(&req.options)?;
     let config = NodeConfig::load(&req.dir)?;
     let dir = fs::canonicalize(&req.dir).map_err(|e| format!("{}: {e}", req.dir.display()))?;
     let mountpoint = check_mountpoint(&req.mountpoint)?;
-    check_fuse(&req.options)?;
     let req = MountRequest {
         dir,
         mountpoint,

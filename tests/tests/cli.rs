@@ -168,3 +168,34 @@ fn mount_wpfs_takes_fstab_options() {
     }
     assert!(std::fs::read(mnt.join("hello")).is_err(), "still mounted");
 }
+
+#[test]
+fn allow_other_as_a_user_needs_fuse_conf() {
+    if !fuse_available() {
+        return;
+    }
+    let conf = std::fs::read_to_string("/etc/fuse.conf").unwrap_or_default();
+    if conf.lines().any(|l| l.trim() == "user_allow_other") {
+        eprintln!("SKIPPED: /etc/fuse.conf already has user_allow_other");
+        return;
+    }
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(bin_dir().join("wpfs"))
+        .args(["mount", "/var/lib/wpfs-none", "/tmp", "-o", "allow_other"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("user_allow_other"), "{err}");
+}
+
+#[test]
+fn a_damaged_config_is_reported_not_panicked_on() {
+    let tmp = local_dir();
+    let data = tmp.path().join("d");
+    init(&data);
+    std::fs::write(data.join("wpfs.json"), b"{ not json").unwrap();
+    let err = stderr_of(&["status", "--data", s(&data)]);
+    assert!(err.contains("damaged"), "{err}");
+}

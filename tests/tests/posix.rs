@@ -501,6 +501,44 @@ fn links_symlinks_xattrs_special_files_attributes() {
     });
 }
 
+/// Files of several GiB: a 1.1 GiB file written and read back whole, and a
+/// sparse one whose only bytes sit past 6 GiB.
+#[test]
+fn large_files() {
+    if !fuse_available() {
+        return;
+    }
+    let node = Node::single();
+    let p = node.path("big");
+    let block: Vec<u8> = (0..(1u32 << 20))
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let blocks = 1100u64;
+    let fd = open(&p, libc::O_CREAT | libc::O_WRONLY, 0o644).unwrap();
+    for i in 0..blocks {
+        let mut b = block.clone();
+        b[..8].copy_from_slice(&i.to_le_bytes()); // every MiB different
+        assert_eq!(write(fd, &b), Ok(b.len()));
+    }
+    close(fd).unwrap();
+    assert_eq!(stat_summary(&p).unwrap().1, blocks << 20);
+    let fd = open(&p, libc::O_RDONLY, 0).unwrap();
+    for i in (0..blocks).rev().step_by(7) {
+        let got = pread(fd, 1 << 20, (i << 20) as i64).unwrap();
+        assert_eq!(&got[..8], &i.to_le_bytes(), "MiB {i}");
+        assert_eq!(&got[8..], &block[8..], "MiB {i}");
+    }
+    close(fd).unwrap();
+
+    let sparse = node.path("sparse");
+    let fd = open(&sparse, libc::O_CREAT | libc::O_RDWR, 0o644).unwrap();
+    let far = 6i64 << 30;
+    pwrite(fd, b"far away", far).unwrap();
+    assert_eq!(pread(fd, 16, far - 8).unwrap(), b"\0\0\0\0\0\0\0\0far away");
+    close(fd).unwrap();
+    assert_eq!(stat_summary(&sparse).unwrap().1, far as u64 + 8);
+}
+
 #[test]
 fn statfs_and_access() {
     if !fuse_available() {

@@ -1,0 +1,136 @@
+//! Every node applies the same log; the state machine must leave every
+//! node's namespace byte-identical, whatever the commands (failing ones
+//! included) and wherever a node stops and restarts.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rocksdb::IteratorMode;
+use wpfs_consensus::store::CF_META;
+use wpfs_consensus::{Namespace, Store};
+use wpfs_proto::{self as proto, ChunkRef, Command, FileKind, Op};
+
+fn random_log(seed: u64, n: usize) -> Vec<Command> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let names: [&[u8]; 5] = [b"a", b"b", b"c", b"wp-content", b"x.php"];
+    (0..n)
+        .map(|i| {
+            let ino = rng.random_range(1..40u64);
+            let parent = rng.random_range(1..40u64);
+            let name = names[rng.random_range(0..names.len())].to_vec();
+            let op = match rng.random_range(0..8) {
+                0 | 1 => Op::Create(proto::Create {
+                    parent,
+                    name,
+                    kind: if rng.random() {
+                        FileKind::Directory
+                    } else {
+                        FileKind::Regular
+                    } as i32,
+                    mode: 0o755,
+                    uid: rng.random_range(0..3),
+                    gid: rng.random_range(0..3),
+                    ..Default::default()
+                }),
+                2 => Op::Unlink(proto::Unlink {
+                    parent,
+                    name,
+                    directory: rng.random(),
+                    keep_if_open: rng.random(),
+                }),
+                3 => Op::Rename(proto::Rename {
+                    parent,
+                    name,
+                    new_parent: rng.random_range(1..40),
+                    new_name: names[rng.random_range(0..names.len())].to_vec(),
+                    noreplace: rng.random_bool(0.2),
+                    exchange: rng.random_bool(0.2),
+                    keep_if_open: false,
+                }),
+                4 => Op::Link(proto::Link {
+                    ino,
+                    new_parent: parent,
+                    new_name: name,
+                }),
+                5 => Op::SetAttr(proto::SetAttr {
+                    ino,
+                    mode: Some(rng.random_range(0..0o7777)),
+                    mtime_ns: Some(rng.random()),
+                    ..Default::default()
+                }),
+                6 => Op::SetContent(proto::SetContent {
+                    ino,
+                    size: rng.random_range(0..300_000),
+                    truncated_at: rng.random_bool(0.3).then(|| rng.random_range(0..300_000)),
+                    chunks: (0..rng.random_range(0..4))
+                        .map(|_| ChunkRef {
+                            index: rng.random_range(0..5),
+                            hash: vec![rng.random_range(0..4u8); 32],
+                            len: 65_536,
+                        })
+                        .collect(),
+                    mtime_ns: i as i64,
+                }),
+                _ => Op::Reap(proto::Reap { ino }),
+            };
+            Command {
+                node_id: 1,
+                request_id: i as u64,
+                now_ns: 1_000_000 + i as i64,
+                op: Some(op),
+            }
+        })
+        .collect()
+}
+
+fn fresh(dir: &std::path::Path) -> Store {
+    let store = Store::open(dir, true).unwrap();
+    Namespace::bootstrap(&store, 0, 0, 0).unwrap();
+    store
+}
+
+fn apply(store: &Store, log: &[Command], first_index: u64) -> Vec<i32> {
+    let ns = Namespace::new(store.clone());
+    log.iter()
+        .enumerate()
+        .map(|(i, cmd)| ns.apply(first_index + i as u64, 1, cmd).unwrap().errno)
+        .collect()
+}
+
+/// Every key and value of the namespace, in order.
+type Pairs = Vec<(Box<[u8]>, Box<[u8]>)>;
+
+fn contents(store: &Store) -> Pairs {
+    store
+        .db()
+        .iterator_cf(store.cf(CF_META), IteratorMode::Start)
+        .map(|kv| kv.unwrap())
+        .collect()
+}
+
+#[test]
+fn the_same_log_gives_the_same_namespace_everywhere() {
+    let tmp = tempfile::tempdir().unwrap();
+    for seed in 0..8 {
+        let log = random_log(seed, 600);
+        let a = fresh(&tmp.path().join(format!("a{seed}")));
+        let b = fresh(&tmp.path().join(format!("b{seed}")));
+        let errnos = apply(&a, &log, 1);
+        assert_eq!(apply(&b, &log, 1), errnos, "seed {seed}: outcomes differ");
+        assert!(errnos.contains(&0), "seed {seed}: nothing succeeded");
+        assert_eq!(contents(&a), contents(&b), "seed {seed}: stores differ");
+
+        // A node that stops halfway and reopens its store ends the same.
+        let c_path = tmp.path().join(format!("c{seed}"));
+        let c = fresh(&c_path);
+        apply(&c, &log[..300], 1);
+        drop(c);
+        let c = Store::open(&c_path, false).unwrap();
+        assert_eq!(Namespace::new(c.clone()).applied().unwrap(), (300, 1));
+        apply(&c, &log[300..], 301);
+        assert_eq!(
+            contents(&a),
+            contents(&c),
+            "seed {seed}: restart changed the result"
+        );
+    }
+}

@@ -1,0 +1,157 @@
+//! The filesystem core without FUSE: a real RocksDB store and a real
+//! one-voter Raft node in a temporary directory, driven through `FsCore`.
+//! These check what the mount tests cannot see: chunks shared and
+//! collected, orphans reaped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use wpfs_consensus::store::CF_CHUNKS;
+use wpfs_consensus::{Node, NodeConfig, Store, ROOT_INO};
+use wpfs_fs::core::{Caller, NewNode};
+use wpfs_fs::{CoreOptions, FsCore};
+
+struct Fixture {
+    core: Arc<FsCore>,
+    store: Store,
+    _dir: tempfile::TempDir,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db");
+    wpfs_consensus::bootstrap(&db, 1, 0, 0, 0).unwrap();
+    let store = Store::open(&db, false).unwrap();
+    let node = Arc::new(Node::start(NodeConfig::new(1), store.clone()).unwrap());
+    assert!(node.wait_for_leader(Duration::from_secs(5)));
+    let core = FsCore::new(
+        node,
+        store.clone(),
+        CoreOptions {
+            write_timeout: Duration::from_secs(5),
+            read_only: false,
+            data_dir: dir.path().to_path_buf(),
+        },
+    );
+    Fixture {
+        core,
+        store,
+        _dir: dir,
+    }
+}
+
+const ME: Caller = Caller { uid: 0, gid: 0 };
+
+fn chunks_stored(store: &Store) -> usize {
+    store
+        .db()
+        .iterator_cf(store.cf(CF_CHUNKS), rocksdb::IteratorMode::Start)
+        .count()
+}
+
+/// Writes `data` to a new file `name` and closes it.
+fn write_file(core: &FsCore, name: &str, data: &[u8]) -> u64 {
+    let file = NewNode::File {
+        mode: 0o644,
+        exclusive: true,
+    };
+    let ino = core
+        .create(ROOT_INO, name.as_bytes(), file, ME)
+        .unwrap()
+        .ino;
+    core.open(ino).unwrap();
+    core.write(ino, 0, data).unwrap();
+    core.flush(ino, false).unwrap();
+    core.release(ino).unwrap();
+    ino
+}
+
+/// Bytes that do not repeat within a file (so its chunks differ).
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn shared_chunks_are_kept_until_their_last_reference_goes() {
+    let f = fixture();
+    let data = pattern(1, 200_000); // four chunks
+    let a = write_file(&f.core, "a", &data);
+    let b = write_file(&f.core, "b", &data);
+    assert_eq!(
+        chunks_stored(&f.store),
+        4,
+        "identical files share their chunks"
+    );
+
+    f.core.unlink(ROOT_INO, b"a", false).unwrap();
+    f.core.collect_garbage().unwrap();
+    assert_eq!(chunks_stored(&f.store), 4, "b still references every chunk");
+    assert_eq!(f.core.read(b, 0, 300_000).unwrap(), data);
+    assert!(f.core.getattr(a).is_err(), "a is gone");
+
+    f.core.unlink(ROOT_INO, b"b", false).unwrap();
+    f.core.collect_garbage().unwrap();
+    assert_eq!(
+        chunks_stored(&f.store),
+        0,
+        "no file references them any more"
+    );
+}
+
+#[test]
+fn an_overwrite_frees_exactly_the_chunks_it_replaced() {
+    let f = fixture();
+    let data = pattern(2, 4 * 65_536);
+    let ino = write_file(&f.core, "f", &data);
+    assert_eq!(chunks_stored(&f.store), 4);
+
+    // Rewrite the third chunk only.
+    f.core.open(ino).unwrap();
+    f.core.write(ino, 2 * 65_536 + 10, b"patch").unwrap();
+    f.core.release(ino).unwrap();
+    f.core.collect_garbage().unwrap();
+    assert_eq!(chunks_stored(&f.store), 4, "one chunk replaced by one");
+
+    let mut expected = data.clone();
+    expected[2 * 65_536 + 10..2 * 65_536 + 15].copy_from_slice(b"patch");
+    assert_eq!(f.core.read(ino, 0, 1 << 20).unwrap(), expected);
+
+    // Truncating to one chunk frees the other three.
+    f.core
+        .setattr(
+            ino,
+            wpfs_fs::core::SetAttrs {
+                size: Some(1000),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    f.core.collect_garbage().unwrap();
+    assert_eq!(chunks_stored(&f.store), 1);
+    assert_eq!(f.core.read(ino, 0, 1 << 20).unwrap(), &expected[..1000]);
+}
+
+#[test]
+fn a_file_unlinked_while_open_lives_until_its_last_close() {
+    let f = fixture();
+    let ino = write_file(&f.core, "f", b"orphan data");
+    f.core.open(ino).unwrap();
+    f.core.unlink(ROOT_INO, b"f", false).unwrap();
+    assert!(f.core.lookup(ROOT_INO, b"f").unwrap().is_none());
+    assert_eq!(f.core.read(ino, 0, 100).unwrap(), b"orphan data");
+    assert_eq!(f.core.namespace().orphans().unwrap(), vec![ino]);
+
+    f.core.release(ino).unwrap();
+    assert!(f.core.getattr(ino).is_err(), "reaped at the last close");
+    assert!(f.core.namespace().orphans().unwrap().is_empty());
+    f.core.collect_garbage().unwrap();
+    assert_eq!(chunks_stored(&f.store), 0);
+}

@@ -45,6 +45,8 @@ pub struct FileState {
     pub size: u64,
     pub mtime_ns: i64,
     dirty: BTreeMap<u64, Slot>,
+    /// How many of `dirty` are `Buffered` (kept, not counted per write).
+    buffered: usize,
     /// Lowest size the file was truncated to since the last commit: slots
     /// from there on are holes unless written again.
     truncated_at: Option<u64>,
@@ -59,6 +61,7 @@ impl FileState {
             size: inode.size,
             mtime_ns: inode.mtime_ns,
             dirty: BTreeMap::new(),
+            buffered: 0,
             truncated_at: None,
             changed: false,
             pins: None,
@@ -85,7 +88,10 @@ impl FileState {
     /// The current bytes of slot `index`, as a buffer to change.
     fn take_buffer(&mut self, contents: &Contents, index: u64) -> Result<Vec<u8>> {
         let mut buf = match self.dirty.remove(&index) {
-            Some(Slot::Buffered(v)) => v,
+            Some(Slot::Buffered(v)) => {
+                self.buffered -= 1;
+                v
+            }
             Some(Slot::Sealed { hash, .. }) => contents.chunks.get(&hash, None)?,
             None if self.truncated_away(index) => Vec::new(),
             None => match contents
@@ -123,34 +129,43 @@ impl FileState {
                 buf.resize(within + n, 0);
             }
             buf[within..within + n].copy_from_slice(&rest[..n]);
-            self.dirty.insert(index, Slot::Buffered(buf));
+            self.put_buffer(index, buf);
             pos += n as u64;
             rest = &rest[n..];
         }
         self.size = self.size.max(offset + data.len() as u64);
         self.mtime_ns = now_ns;
         self.changed = true;
-        let buffered = self
-            .dirty
-            .values()
-            .filter(|s| matches!(s, Slot::Buffered(_)))
-            .count();
-        if buffered > MAX_BUFFERED_CHUNKS {
+        if self.buffered > MAX_BUFFERED_CHUNKS {
             self.seal_all(contents)?;
         }
         Ok(())
+    }
+
+    fn put_buffer(&mut self, index: u64, buf: Vec<u8>) {
+        if !matches!(
+            self.dirty.insert(index, Slot::Buffered(buf)),
+            Some(Slot::Buffered(_))
+        ) {
+            self.buffered += 1;
+        }
     }
 
     pub fn truncate(&mut self, contents: &Contents, size: u64, now_ns: i64) -> Result<()> {
         if size < self.size {
             let kept_slots = size.div_ceil(CHUNK_SIZE);
             self.dirty.retain(|&i, _| i < kept_slots);
+            self.buffered = self
+                .dirty
+                .values()
+                .filter(|s| matches!(s, Slot::Buffered(_)))
+                .count();
             let within = (size % CHUNK_SIZE) as usize;
             if within != 0 {
                 let index = size / CHUNK_SIZE;
                 let mut buf = self.take_buffer(contents, index)?;
                 buf.truncate(within);
-                self.dirty.insert(index, Slot::Buffered(buf));
+                self.put_buffer(index, buf);
             }
             self.truncated_at = Some(self.truncated_at.map_or(size, |t| t.min(size)));
         }
@@ -174,6 +189,7 @@ impl FileState {
                 };
             }
         }
+        self.buffered = 0;
         Ok(())
     }
 
@@ -209,6 +225,7 @@ impl FileState {
     /// The update was applied: nothing is dirty any more.
     pub fn committed(&mut self, inode: &Inode) {
         self.dirty.clear();
+        self.buffered = 0;
         self.truncated_at = None;
         self.changed = false;
         self.pins = None;

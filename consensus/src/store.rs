@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rocksdb::{BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, Options, DB};
+use rocksdb::{BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, Env, Options, DB};
 
 pub const CF_RAFT: &str = "raft";
 pub const CF_META: &str = "meta";
@@ -60,6 +60,12 @@ impl Store {
         db_opts.create_missing_column_families(create);
         db_opts.set_max_background_jobs(2);
         db_opts.set_keep_log_file_num(3);
+        // Flushes and compactions run niced: on a small web node, a PHP
+        // worker's read must not queue behind them.
+        let mut env = Env::new().map_err(|e| StoreError::io(path, e))?;
+        env.lower_thread_pool_cpu_priority();
+        env.lower_high_priority_thread_pool_cpu_priority();
+        db_opts.set_env(&env);
         // The namespace is read on every FUSE lookup and getattr the kernel
         // does not answer from its cache: keep it in one shared block cache.
         let cache = Cache::new_lru_cache(128 << 20);

@@ -105,24 +105,19 @@ impl Store {
             .expect("column families are created with the store")
     }
 
-    /// Total size of the store's SST and blob files, in bytes.
+    /// Disk space the store takes, in bytes (all its files: tables, blob
+    /// files, write-ahead log), which is what an operator budgets for.
     pub fn size_bytes(&self) -> u64 {
-        [CF_RAFT, CF_META, CF_CHUNKS]
-            .iter()
-            .filter_map(|cf| {
-                self.db
-                    .property_int_value_cf(self.cf(cf), "rocksdb.total-sst-files-size")
-                    .ok()
+        std::fs::read_dir(&self.path)
+            .map(|entries| {
+                entries
                     .flatten()
-                    .zip(
-                        self.db
-                            .property_int_value_cf(self.cf(cf), "rocksdb.total-blob-file-size")
-                            .ok()
-                            .flatten(),
-                    )
-                    .map(|(sst, blob)| sst + blob)
+                    .filter_map(|e| e.metadata().ok())
+                    .filter(|m| m.is_file())
+                    .map(|m| m.len())
+                    .sum()
             })
-            .sum()
+            .unwrap_or(0)
     }
 
     /// Makes every write so far durable on disk (fsync of the WAL).

@@ -90,6 +90,9 @@ pub fn status_text(s: &Value) -> String {
     let field = |k: &str| match &s[k] {
         Value::String(v) => v.clone(),
         Value::Null => "-".into(),
+        Value::Number(n) if k == "store_bytes" => {
+            format!("{:.1} MiB", n.as_f64().unwrap_or(0.0) / (1 << 20) as f64)
+        }
         v => v.to_string(),
     };
     [

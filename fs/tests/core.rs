@@ -155,3 +155,35 @@ fn a_file_unlinked_while_open_lives_until_its_last_close() {
     f.core.collect_garbage().unwrap();
     assert_eq!(chunks_stored(&f.store), 0);
 }
+
+#[test]
+fn a_corrupt_chunk_reads_as_eio_never_as_wrong_bytes() {
+    let f = fixture();
+    let data = pattern(3, 3 * 65_536);
+    let ino = write_file(&f.core, "f", &data);
+    // Damage the second chunk on disk: same key, other bytes.
+    let cf = f.store.cf(CF_CHUNKS);
+    let keys: Vec<Box<[u8]>> = f
+        .store
+        .db()
+        .iterator_cf(cf, rocksdb::IteratorMode::Start)
+        .map(|kv| kv.unwrap().0)
+        .collect();
+    let second = blake3::hash(&data[65_536..2 * 65_536]);
+    let victim = keys.iter().find(|k| ***k == *second.as_bytes()).unwrap();
+    f.store.db().put_cf(cf, victim, vec![0u8; 65_536]).unwrap();
+
+    assert_eq!(
+        f.core.read(ino, 0, 65_536).unwrap(),
+        &data[..65_536],
+        "other chunks still read"
+    );
+    assert_eq!(
+        f.core.read(ino, 65_536, 10).map_err(|e| e.0),
+        Err(libc::EIO)
+    );
+    assert_eq!(
+        f.core.read(ino, 0, 1 << 20).map_err(|e| e.0),
+        Err(libc::EIO)
+    );
+}

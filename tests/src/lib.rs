@@ -177,6 +177,16 @@ impl Drop for Node {
     }
 }
 
+/// Unmounts a mount made outside `Node` (e.g. through mount.wpfs) when
+/// dropped, so a failing test does not leave it behind.
+pub struct UnmountOnDrop(pub PathBuf);
+
+impl Drop for UnmountOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).output();
+    }
+}
+
 /// Waits for process `pid` to exit; false on timeout.
 pub fn wait_gone(pid: i32, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;

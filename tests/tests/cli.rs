@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use wpfs_tests::{bin_dir, fuse_available, init, local_dir, s, wpfs, wpfs_ok, Node};
+use wpfs_tests::{bin_dir, fuse_available, init, local_dir, s, wpfs, wpfs_ok, Node, UnmountOnDrop};
 
 fn stderr_of(args: &[&str]) -> String {
     let out = wpfs(args);
@@ -142,6 +142,7 @@ fn mount_wpfs_takes_fstab_options() {
         "mount.wpfs: {}",
         String::from_utf8_lossy(&ok.stderr)
     );
+    let _guard = UnmountOnDrop(mnt.clone());
     std::fs::write(mnt.join("hello"), b"fstab").unwrap();
     // fuser mounts with type "fuse" (no subtype); the source is the data dir.
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();

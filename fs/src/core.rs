@@ -202,7 +202,8 @@ impl FsCore {
         if let Some(state) = self.state_if_open(ino) {
             return state.lock().read(&self.contents, offset, len as u64);
         }
-        let inode = self.getattr(ino)?;
+        // Not open here, so there are no uncommitted writes to overlay.
+        let inode = self.namespace().inode(ino)?.ok_or(Errno(libc::ENOENT))?;
         if is_kind(&inode, FileKind::Directory) {
             return err(libc::EISDIR);
         }
@@ -429,7 +430,7 @@ impl FsCore {
         if !is_kind(&inode, FileKind::Regular) {
             return err(libc::EINVAL);
         }
-        self.with_state(&inode, |state| {
+        self.with_state(ino, |state| {
             state.truncate(&self.contents, size, now_ns())?;
             self.commit(state, false)
         })
@@ -476,45 +477,43 @@ impl FsCore {
 
     /// Registers a handle on `ino` and returns its number.
     pub fn open(&self, ino: u64) -> Result<u64> {
-        let inode = self.getattr(ino)?;
+        self.register(ino, 1)?;
+        Ok(self.next_fh.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// The write state of `ino`, registered (with `handles` more handles)
+    /// if the inode is not open here yet. Only then is the inode read: an
+    /// open inode's state already knows its size.
+    fn register(&self, ino: u64, handles: u32) -> Result<Arc<Mutex<FileState>>> {
+        if let Some(entry) = self.open.lock().get_mut(&ino) {
+            entry.handles += handles;
+            return Ok(entry.state.clone());
+        }
+        let inode = self.namespace().inode(ino)?.ok_or(Errno(libc::ENOENT))?;
         let mut open = self.open.lock();
         let entry = open.entry(ino).or_insert_with(|| OpenFile {
             handles: 0,
             state: Arc::new(Mutex::new(FileState::new(&inode))),
             may_be_orphan: false,
         });
-        entry.handles += 1;
-        Ok(self.next_fh.fetch_add(1, Ordering::Relaxed))
+        entry.handles += handles;
+        Ok(entry.state.clone())
     }
 
-    /// Runs `f` on the write state of `inode`. Without an open handle
+    /// Runs `f` on the write state of `ino`. Without an open handle
     /// (truncate(2) by path) the state is a passing one, committed before
     /// this returns.
-    fn with_state<T>(
-        &self,
-        inode: &Inode,
-        f: impl FnOnce(&mut FileState) -> Result<T>,
-    ) -> Result<T> {
-        let state = self
-            .open
-            .lock()
-            .entry(inode.ino)
-            .or_insert_with(|| OpenFile {
-                handles: 0,
-                state: Arc::new(Mutex::new(FileState::new(inode))),
-                may_be_orphan: false,
-            })
-            .state
-            .clone();
+    fn with_state<T>(&self, ino: u64, f: impl FnOnce(&mut FileState) -> Result<T>) -> Result<T> {
+        let state = self.register(ino, 0)?;
         let mut guard = state.lock();
         let value = f(&mut guard)?;
         let passing = {
             let mut open = self.open.lock();
             let passing = open
-                .get(&inode.ino)
+                .get(&ino)
                 .is_some_and(|o| o.handles == 0 && Arc::ptr_eq(&o.state, &state));
             if passing {
-                open.remove(&inode.ino);
+                open.remove(&ino);
             }
             passing
         };
@@ -524,18 +523,16 @@ impl FsCore {
         Ok(value)
     }
 
+    /// Buffers a write; the state machine refuses the commit of anything
+    /// but a regular file (the kernel writes only to those anyway).
     pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<u32> {
-        let inode = self.getattr(ino)?;
-        if !is_kind(&inode, FileKind::Regular) {
-            return err(libc::EINVAL);
-        }
         if offset
             .checked_add(data.len() as u64)
             .is_none_or(|end| end > i64::MAX as u64)
         {
             return err(libc::EFBIG);
         }
-        self.with_state(&inode, |state| {
+        self.with_state(ino, |state| {
             state.write(&self.contents, offset, data, now_ns())
         })?;
         Ok(data.len() as u32)
@@ -627,13 +624,15 @@ impl FsCore {
         if mode & !libc::FALLOC_FL_KEEP_SIZE != 0 {
             return err(libc::EOPNOTSUPP);
         }
-        let inode = self.getattr(ino)?;
         let end = offset.checked_add(len).ok_or(Errno(libc::EFBIG))?;
-        if mode & libc::FALLOC_FL_KEEP_SIZE == 0 && end > inode.size {
-            self.with_state(&inode, |state| {
-                state.truncate(&self.contents, end, now_ns())
-            })?;
+        if mode & libc::FALLOC_FL_KEEP_SIZE != 0 {
+            return self.getattr(ino).map(|_| ());
         }
-        Ok(())
+        self.with_state(ino, |state| {
+            if end > state.size {
+                state.truncate(&self.contents, end, now_ns())?;
+            }
+            Ok(())
+        })
     }
 }

@@ -4,29 +4,40 @@
 //! - `store`: the node's one RocksDB and its column families;
 //! - `raft_log`: raft-rs `Storage` over the `raft` column family;
 //! - `namespace`: the deterministic state machine (inodes, entries, chunk slots);
-//! - `node`: the driver thread running the RawNode loop and taking proposals.
+//! - `node`: the driver thread running the RawNode loop and taking proposals;
+//! - `snapshot`: the namespace as a file, for nodes that fell behind the log;
+//! - `transport`: authenticated TCP links between the nodes.
 
 mod logger;
 pub mod namespace;
 pub mod node;
 pub mod raft_log;
+pub mod snapshot;
 pub mod store;
+pub mod transport;
 
 pub use namespace::{Namespace, CHUNK_SIZE, ROOT_INO};
-pub use node::{Node, NodeConfig, ProposeError, RaftStatus};
+pub use node::{ApplyObserver, Node, NodeConfig, ProposeError, RaftStatus};
+pub use raft::eraftpb::ConfChangeType;
 pub use store::{Store, StoreError};
+pub use transport::{Transport, TransportConfig};
 
 /// Creates the store of a brand-new one-voter cluster at `path`: the
-/// Raft configuration and the root directory.
+/// Raft configuration, the first member's address and the root directory.
 pub fn bootstrap(
     path: &std::path::Path,
     node_id: u64,
+    addr: &str,
     now_ns: i64,
     uid: u32,
     gid: u32,
 ) -> Result<(), String> {
     let store = Store::open(path, true).map_err(|e| e.to_string())?;
     raft_log::RaftLog::bootstrap(&store, node_id).map_err(|e| e.to_string())?;
+    let namespace = Namespace::new(store.clone());
     Namespace::bootstrap(&store, now_ns, uid, gid).map_err(|e| e.to_string())?;
+    namespace
+        .apply_member(1, 1, node_id, Some(addr))
+        .map_err(|e| e.to_string())?;
     store.sync().map_err(|e| e.to_string())
 }

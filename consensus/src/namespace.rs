@@ -23,6 +23,7 @@
 //! | `r` hash                     | reference count of a chunk          |
 //! | `g` hash                     | chunk whose count fell to zero      |
 //! | `o` ino                      | orphan: unlinked but still open     |
+//! | `m` node id                  | a member's peer address             |
 //! | `sapplied` / `snext_ino` / `sinodes` | counters                    |
 
 use std::collections::HashMap;
@@ -85,6 +86,9 @@ fn garbage_key(hash: &[u8]) -> Vec<u8> {
 }
 fn orphan_key(ino: u64) -> Vec<u8> {
     key(b'o', &[&be(ino)])
+}
+fn member_key(id: u64) -> Vec<u8> {
+    key(b'm', &[&be(id)])
 }
 fn key(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + parts.iter().map(|p| p.len()).sum::<usize>());
@@ -153,6 +157,8 @@ impl Namespace {
         batch.put_cf(cf, inode_key(ROOT_INO), root.encode_to_vec());
         batch.put_cf(cf, KEY_NEXT_INO, be(ROOT_INO + 1));
         batch.put_cf(cf, KEY_INODES, be(1));
+        // The bootstrap is the snapshot at index 1 (see `raft_log`).
+        batch.put_cf(cf, KEY_APPLIED, applied_value(1, 1));
         store.db().write(batch)?;
         Ok(())
     }
@@ -311,6 +317,53 @@ impl Namespace {
         );
         self.store.db().write(batch)?;
         Ok(())
+    }
+
+    /// Records a membership change at log entry `index`: `addr` is where
+    /// node `id` listens, `None` when it left.
+    pub fn apply_member(&self, index: u64, term: u64, id: u64, addr: Option<&str>) -> Result<()> {
+        let cf = self.store.cf(CF_META);
+        let mut batch = WriteBatch::default();
+        match addr {
+            Some(a) => batch.put_cf(cf, member_key(id), a.as_bytes()),
+            None => batch.delete_cf(cf, member_key(id)),
+        }
+        batch.put_cf(cf, KEY_APPLIED, applied_value(index, term));
+        self.store.db().write(batch)?;
+        Ok(())
+    }
+
+    /// Every member's peer address, by node id.
+    pub fn members(&self) -> Result<Vec<(u64, String)>> {
+        let cf = self.store.cf(CF_META);
+        let iter = self
+            .store
+            .db()
+            .iterator_cf(cf, IteratorMode::From(b"m", Direction::Forward));
+        let mut out = Vec::new();
+        for item in iter {
+            let (k, v) = item?;
+            if k[0] != b'm' {
+                break;
+            }
+            out.push((read_be(&k[1..]), String::from_utf8_lossy(&v).into_owned()));
+        }
+        Ok(out)
+    }
+
+    /// Every inode number in use.
+    pub fn inode_numbers(&self) -> Result<Vec<u64>> {
+        self.scan_tag(b'i', |k| read_be(&k[1..]))
+    }
+
+    /// Every chunk the namespace references (the `r` counts), for a node
+    /// that must check which of them it holds.
+    pub fn referenced_chunks(&self) -> Result<Vec<Hash>> {
+        self.scan_tag(b'r', |k| {
+            let mut h = [0u8; 32];
+            h.copy_from_slice(&k[1..33]);
+            h
+        })
     }
 
     /// Applies one command; the returned outcome is what the proposer's

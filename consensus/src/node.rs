@@ -9,7 +9,15 @@
 //!
 //! Filesystem threads call `Node::propose` and block until their command is
 //! applied here. Proposals that arrive together are appended in one Ready,
-//! so many FUSE threads share one log write.
+//! so many FUSE threads share one log write. On a follower, raft-rs
+//! forwards the proposal to the leader; the command comes back through the
+//! log, and since every node computes the same outcome, the proposer takes
+//! its result from its own apply.
+//!
+//! Membership: a new node is added as a learner (`AddLearnerNode`, its
+//! peer address in the change's context) and the leader promotes it to
+//! voter (`AddNode`) once it has caught up, while voters are fewer than
+//! `MAX_VOTERS`; later nodes stay full-replica learners.
 //!
 //! Durability: a log write reaches the kernel's page cache at once (it
 //! survives the process being killed) and the disk when it carries a
@@ -23,19 +31,36 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
-use raft::eraftpb::{ConfChange, ConfChangeV2, Entry, EntryType};
-use raft::{RawNode, StateRole};
+use raft::eraftpb::{
+    ConfChange, ConfChangeType, ConfChangeV2, Entry, EntryType, Message as RaftMessage,
+    MessageType, Snapshot,
+};
+use raft::{RawNode, SnapshotStatus, StateRole};
 use rocksdb::{WriteBatch, WriteOptions};
-use wpfs_proto::{Command, Message, Op, Outcome};
+use wpfs_proto::{Command, Member, Message, Op, Outcome, SnapshotRef};
 
 use crate::namespace::Namespace;
 use crate::raft_log::RaftLog;
+use crate::snapshot;
 use crate::store::Store;
+use crate::transport::Transport;
 
 /// Entry context marking an entry whose write must reach the disk.
 const DURABLE: &[u8] = b"d";
 /// Log entries kept behind the applied index when the log is compacted.
 const LOG_KEEP: u64 = 10_000;
+/// Learners are promoted to voters while there are fewer voters than this.
+const MAX_VOTERS: usize = 5;
+/// A proposal nobody waits for any more is forgotten after this long.
+const PENDING_EXPIRY: Duration = Duration::from_secs(120);
+
+/// What the filesystem layer learns from the driver as the log is applied.
+/// Called on the driver thread: implementations hand work off and return.
+pub trait ApplyObserver: Send + Sync {
+    fn applied(&self, cmd: &Command, outcome: &Outcome);
+    /// The whole namespace was replaced by a snapshot.
+    fn snapshot_installed(&self);
+}
 
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -82,20 +107,45 @@ pub struct RaftStatus {
     pub last_index: u64,
     pub voters: Vec<u64>,
     pub learners: Vec<u64>,
+    /// Replication progress of each peer (known on the leader only).
+    pub progress: Vec<PeerProgress>,
+    /// This node was removed from the cluster.
+    pub removed: bool,
     pub failed: Option<String>,
 }
+
+#[derive(Clone, Debug)]
+pub struct PeerProgress {
+    pub id: u64,
+    pub matched: u64,
+    pub state: String,
+}
+
+type Reply<T> = Sender<Result<T, ProposeError>>;
 
 enum Request {
     Propose {
         cmd: Command,
         durable: bool,
-        reply: Sender<Result<Outcome, ProposeError>>,
+        reply: Reply<Outcome>,
+    },
+    Step(RaftMessage),
+    ChangeMember {
+        change: ConfChangeType,
+        member: Member,
+        reply: Reply<()>,
+    },
+    TransferLeader(u64),
+    /// A snapshot this node was sent could not be fetched.
+    SnapshotFailed {
+        leader: u64,
     },
     Stop,
 }
 
 struct Shared {
     status: Mutex<RaftStatus>,
+    observer: Mutex<Option<Arc<dyn ApplyObserver>>>,
 }
 
 /// A running Raft node. Dropping it (or `stop`) ends the driver thread.
@@ -108,9 +158,31 @@ pub struct Node {
 }
 
 impl Node {
-    /// Starts the driver over `store`, whose namespace must be bootstrapped.
-    pub fn start(config: NodeConfig, store: Store) -> Result<Node, String> {
+    /// Starts the driver over `store`: a bootstrapped one, or an empty one
+    /// that a leader will fill with a snapshot once this node is a member.
+    /// Without a transport the node has no peers (tests, one-node tools).
+    pub fn start(
+        config: NodeConfig,
+        store: Store,
+        transport: Option<Transport>,
+    ) -> Result<Node, String> {
+        if snapshot::interrupted(&store) {
+            tracing::warn!(
+                "a snapshot install was interrupted: starting over from an empty namespace"
+            );
+            snapshot::clear_namespace(&store).map_err(|e| e.to_string())?;
+            RaftLog::reset(&store).map_err(|e| e.to_string())?;
+            store
+                .db()
+                .delete_cf(store.cf(crate::store::CF_META), snapshot::KEY_INSTALLING)
+                .map_err(|e| e.to_string())?;
+        }
         let namespace = Namespace::new(store.clone());
+        if let Some(t) = &transport {
+            for (id, addr) in namespace.members().map_err(|e| e.to_string())? {
+                t.set_address(id, Some(&addr));
+            }
+        }
         let (applied, _) = namespace.applied().map_err(|e| e.to_string())?;
         let log = RaftLog::open(store.clone()).map_err(|e| e.to_string())?;
         let sole_voter =
@@ -138,6 +210,7 @@ impl Node {
                 id: config.id,
                 ..Default::default()
             }),
+            observer: Mutex::new(None),
         });
         let (tx, rx) = crossbeam_channel::unbounded();
         let driver = Driver {
@@ -146,6 +219,9 @@ impl Node {
             namespace,
             store,
             pending: HashMap::new(),
+            pending_members: Vec::new(),
+            promoting: None,
+            transport,
             shared: shared.clone(),
             unsynced_since: None,
             config: config.clone(),
@@ -197,15 +273,54 @@ impl Node {
                 reply,
             })
             .map_err(|_| ProposeError::Stopped)?;
-        match rx.recv_timeout(timeout) {
-            Ok(r) => r,
-            Err(RecvTimeoutError::Timeout) => Err(ProposeError::Timeout(timeout)),
-            Err(RecvTimeoutError::Disconnected) => Err(ProposeError::Stopped),
-        }
+        wait(&rx, timeout)
     }
 
     pub fn status(&self) -> RaftStatus {
         self.shared.status.lock().clone()
+    }
+
+    /// Hands a message from a peer to Raft.
+    pub fn step(&self, msg: RaftMessage) {
+        let _ = self.requests.send(Request::Step(msg));
+    }
+
+    /// Tells the leader that the snapshot it sent could not be fetched.
+    pub fn snapshot_failed(&self, leader: u64) {
+        let _ = self.requests.send(Request::SnapshotFailed { leader });
+    }
+
+    pub fn set_observer(&self, observer: Arc<dyn ApplyObserver>) {
+        *self.shared.observer.lock() = Some(observer);
+    }
+
+    /// Adds node `id` (listening at `addr`) as a learner, or removes it
+    /// (`addr` unused), and waits until the change is applied here.
+    pub fn change_member(
+        &self,
+        change: ConfChangeType,
+        id: u64,
+        addr: &str,
+        timeout: Duration,
+    ) -> Result<(), ProposeError> {
+        let (reply, rx) = crossbeam_channel::bounded(1);
+        let member = Member {
+            node_id: id,
+            addr: addr.to_string(),
+        };
+        self.requests
+            .send(Request::ChangeMember {
+                change,
+                member,
+                reply,
+            })
+            .map_err(|_| ProposeError::Stopped)?;
+        wait(&rx, timeout)
+    }
+
+    /// Asks the leader (this node) to hand leadership to `to`.
+    pub fn transfer_leader(&self, to: u64) {
+        let _ = self.requests.send(Request::TransferLeader(to));
     }
 
     /// Stops the driver after it has synced the log to disk.
@@ -229,6 +344,14 @@ impl Node {
     }
 }
 
+fn wait<T>(rx: &Receiver<Result<T, ProposeError>>, timeout: Duration) -> Result<T, ProposeError> {
+    match rx.recv_timeout(timeout) {
+        Ok(r) => r,
+        Err(RecvTimeoutError::Timeout) => Err(ProposeError::Timeout(timeout)),
+        Err(RecvTimeoutError::Disconnected) => Err(ProposeError::Stopped),
+    }
+}
+
 impl Drop for Node {
     fn drop(&mut self) {
         self.stop();
@@ -241,7 +364,12 @@ struct Driver {
     namespace: Namespace,
     store: Store,
     /// Proposals of this node waiting for their entry to be applied.
-    pending: HashMap<u64, Sender<Result<Outcome, ProposeError>>>,
+    pending: HashMap<u64, (Reply<Outcome>, Instant)>,
+    /// Membership changes waiting to be applied.
+    pending_members: Vec<(ConfChangeType, u64, Reply<()>)>,
+    /// The learner being promoted (leader only), and since when.
+    promoting: Option<(u64, Instant)>,
+    transport: Option<Transport>,
     shared: Arc<Shared>,
     unsynced_since: Option<Instant>,
     config: NodeConfig,
@@ -254,25 +382,15 @@ impl Driver {
             let wait = self.config.tick.saturating_sub(last_tick.elapsed());
             match requests.recv_timeout(wait) {
                 Ok(Request::Stop) | Err(RecvTimeoutError::Disconnected) => break,
-                Ok(Request::Propose {
-                    cmd,
-                    durable,
-                    reply,
-                }) => {
-                    self.propose(cmd, durable, reply);
+                Ok(req) => {
+                    self.handle(req);
                     // Take everything already queued into the same Ready.
                     while let Ok(req) = requests.try_recv() {
-                        match req {
-                            Request::Propose {
-                                cmd,
-                                durable,
-                                reply,
-                            } => self.propose(cmd, durable, reply),
-                            Request::Stop => {
-                                self.finish();
-                                return;
-                            }
+                        if let Request::Stop = req {
+                            self.finish();
+                            return;
                         }
+                        self.handle(req);
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {}
@@ -280,6 +398,7 @@ impl Driver {
             if last_tick.elapsed() >= self.config.tick {
                 self.raw.tick();
                 last_tick = Instant::now();
+                self.housekeeping();
             }
             if let Err(e) = self.on_ready() {
                 self.fail(e);
@@ -299,11 +418,98 @@ impl Driver {
         self.finish();
     }
 
+    fn handle(&mut self, req: Request) {
+        match req {
+            Request::Propose {
+                cmd,
+                durable,
+                reply,
+            } => self.propose(cmd, durable, reply),
+            Request::Step(msg) => {
+                if let Err(e) = self.raw.step(msg) {
+                    tracing::debug!("dropped a Raft message: {e}");
+                }
+            }
+            Request::ChangeMember {
+                change,
+                member,
+                reply,
+            } => self.propose_member(change, member, reply),
+            Request::TransferLeader(to) => self.raw.transfer_leader(to),
+            Request::SnapshotFailed { leader } => {
+                // Tell the leader, which then retries from a probe.
+                let msg = RaftMessage {
+                    msg_type: MessageType::MsgSnapStatus as i32,
+                    from: self.id,
+                    to: leader,
+                    reject: true,
+                    ..Default::default()
+                };
+                self.send(vec![msg]);
+            }
+            Request::Stop => unreachable!("handled by the loop"),
+        }
+    }
+
+    fn propose_member(&mut self, change: ConfChangeType, member: Member, reply: Reply<()>) {
+        let cc = ConfChange {
+            change_type: change as i32,
+            node_id: member.node_id,
+            context: member.encode_to_vec(),
+            ..Default::default()
+        };
+        match self.raw.propose_conf_change(vec![], cc) {
+            Ok(()) => self.pending_members.push((change, member.node_id, reply)),
+            Err(e) => {
+                tracing::warn!("membership change for node {} refused: {e}", member.node_id);
+                let _ = reply.send(Err(ProposeError::NoLeader));
+            }
+        }
+    }
+
+    /// Once per tick: forget expired proposals; on the leader, promote a
+    /// caught-up learner.
+    fn housekeeping(&mut self) {
+        self.pending
+            .retain(|_, (_, since)| since.elapsed() < PENDING_EXPIRY);
+        if self.raw.raft.state != StateRole::Leader || self.raw.raft.has_pending_conf() {
+            return;
+        }
+        if self
+            .promoting
+            .is_some_and(|(_, since)| since.elapsed() < Duration::from_secs(10))
+        {
+            return;
+        }
+        let conf = self.raw.store().conf_state().clone();
+        if conf.voters.len() >= MAX_VOTERS {
+            return;
+        }
+        let committed = self.raw.raft.raft_log.committed;
+        let prs = self.raw.raft.prs();
+        let caught_up = conf
+            .learners
+            .iter()
+            .copied()
+            .find(|l| prs.get(*l).is_some_and(|p| p.matched >= committed));
+        if let Some(learner) = caught_up {
+            tracing::info!("node {learner} has caught up: promoting it to voter");
+            let cc = ConfChange {
+                change_type: ConfChangeType::AddNode as i32,
+                node_id: learner,
+                ..Default::default()
+            };
+            if self.raw.propose_conf_change(vec![], cc).is_ok() {
+                self.promoting = Some((learner, Instant::now()));
+            }
+        }
+    }
+
     fn finish(&mut self) {
         if let Err(e) = self.store.sync() {
             tracing::error!("final sync of the Raft log failed: {e}");
         }
-        for (_, reply) in self.pending.drain() {
+        for (_, (reply, _)) in self.pending.drain() {
             let _ = reply.send(Err(ProposeError::Stopped));
         }
     }
@@ -312,28 +518,19 @@ impl Driver {
     /// waiting proposal and remember why, for status and health.
     fn fail(&mut self, why: String) {
         tracing::error!("Raft driver stopped: {why}");
-        for (_, reply) in self.pending.drain() {
+        for (_, (reply, _)) in self.pending.drain() {
             let _ = reply.send(Err(ProposeError::Store(why.clone())));
         }
         self.shared.status.lock().failed = Some(why);
     }
 
-    fn propose(
-        &mut self,
-        cmd: Command,
-        durable: bool,
-        reply: Sender<Result<Outcome, ProposeError>>,
-    ) {
-        if self.raw.raft.state != StateRole::Leader {
-            // Forwarding to the leader comes with peers.
-            let _ = reply.send(Err(ProposeError::NoLeader));
-            return;
-        }
+    fn propose(&mut self, cmd: Command, durable: bool, reply: Reply<Outcome>) {
+        // On a follower, raft-rs forwards the proposal to the leader.
         let context = if durable { DURABLE.to_vec() } else { vec![] };
         let request_id = cmd.request_id;
         match self.raw.propose(context, cmd.encode_to_vec()) {
             Ok(()) => {
-                self.pending.insert(request_id, reply);
+                self.pending.insert(request_id, (reply, Instant::now()));
             }
             Err(_) => {
                 let _ = reply.send(Err(ProposeError::NoLeader));
@@ -346,9 +543,10 @@ impl Driver {
             return Ok(());
         }
         let mut ready = self.raw.ready();
-        // Messages to peers go out here once there are peers.
+        self.send(ready.take_messages());
         if !ready.snapshot().is_empty() {
-            return Err("received a snapshot, which this build cannot install".into());
+            let snap = ready.snapshot().clone();
+            self.install_snapshot(&snap)?;
         }
         self.apply(ready.take_committed_entries())?;
 
@@ -366,6 +564,7 @@ impl Driver {
             self.raw.mut_store().set_hard_state(&mut batch, &hs);
         }
         self.write(batch, sync)?;
+        self.send(ready.take_persisted_messages());
 
         let mut light = self.raw.advance(ready);
         if let Some(commit) = light.commit_index() {
@@ -375,10 +574,57 @@ impl Driver {
             self.raw.mut_store().set_hard_state(&mut batch, &hs);
             self.write(batch, false)?;
         }
+        self.send(light.take_messages());
         self.apply(light.take_committed_entries())?;
         self.raw.advance_apply();
         self.compact_log()?;
         self.publish_status();
+        Ok(())
+    }
+
+    fn send(&mut self, msgs: Vec<RaftMessage>) {
+        let Some(transport) = &self.transport else {
+            return;
+        };
+        for msg in msgs {
+            let (to, is_snapshot) = (msg.to, msg.msg_type == MessageType::MsgSnapshot as i32);
+            if !transport.send_raft(&msg) {
+                if is_snapshot {
+                    self.raw.report_snapshot(to, SnapshotStatus::Failure);
+                }
+                self.raw.report_unreachable(to);
+            }
+        }
+    }
+
+    /// Replaces the namespace with the snapshot the leader sent, which the
+    /// peer handler has fetched and verified before stepping the message.
+    fn install_snapshot(&mut self, snap: &Snapshot) -> Result<(), String> {
+        let meta = snap.get_metadata();
+        let reference = SnapshotRef::decode(&snap.data[..])
+            .map_err(|e| format!("snapshot {} reference is garbage: {e}", meta.index))?;
+        let path = snapshot::incoming(&self.store, reference.index);
+        let started = Instant::now();
+        snapshot::install(&self.store, &path)
+            .map_err(|e| format!("installing snapshot {}: {e}", meta.index))?;
+        self.raw
+            .mut_store()
+            .apply_snapshot(meta)
+            .map_err(|e| format!("installing snapshot {}: {e}", meta.index))?;
+        tracing::info!(
+            "installed the snapshot at index {} ({} bytes) in {:?}",
+            meta.index,
+            reference.size,
+            started.elapsed()
+        );
+        if let Some(t) = &self.transport {
+            for (id, addr) in self.namespace.members().map_err(|e| e.to_string())? {
+                t.set_address(id, Some(&addr));
+            }
+        }
+        if let Some(o) = self.shared.observer.lock().clone() {
+            o.snapshot_installed();
+        }
         Ok(())
     }
 
@@ -410,7 +656,7 @@ impl Driver {
                 EntryType::EntryNormal => self.apply_command(&entry),
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
                     self.apply_conf_change(&entry)?;
-                    self.namespace.apply_nothing(index, term)
+                    Ok(())
                 }
             };
             result.map_err(|e| format!("applying log entry {index}: {e}"))?;
@@ -428,28 +674,83 @@ impl Driver {
             }
         };
         let outcome = self.namespace.apply(entry.index, entry.term, &cmd)?;
+        if let Some(o) = self.shared.observer.lock().clone() {
+            o.applied(&cmd, &outcome);
+        }
         if cmd.node_id == self.id {
-            if let Some(reply) = self.pending.remove(&cmd.request_id) {
+            if let Some((reply, _)) = self.pending.remove(&cmd.request_id) {
                 let _ = reply.send(Ok(outcome));
             }
         }
         Ok(())
     }
 
+    /// Applies a membership change: Raft's configuration, the member's
+    /// address in the namespace (so snapshots carry it), the transport.
     fn apply_conf_change(&mut self, entry: &Entry) -> Result<(), String> {
-        let cs = if entry.get_entry_type() == EntryType::EntryConfChange {
-            let cc = <ConfChange as prost011::Message>::decode(&entry.data[..])
-                .map_err(|e| e.to_string())?;
-            self.raw.apply_conf_change(&cc)
-        } else {
+        if entry.get_entry_type() == EntryType::EntryConfChangeV2 {
+            // This build proposes only single changes; a joint one would be
+            // from a newer wpfs.
             let cc = <ConfChangeV2 as prost011::Message>::decode(&entry.data[..])
                 .map_err(|e| e.to_string())?;
-            self.raw.apply_conf_change(&cc)
+            let cs = self.raw.apply_conf_change(&cc).map_err(|e| e.to_string())?;
+            let mut batch = WriteBatch::default();
+            self.raw.mut_store().set_conf_state(&mut batch, &cs);
+            self.write(batch, true)?;
+            return self
+                .namespace
+                .apply_nothing(entry.index, entry.term)
+                .map_err(|e| e.to_string());
         }
-        .map_err(|e| e.to_string())?;
+        let cc = <ConfChange as prost011::Message>::decode(&entry.data[..])
+            .map_err(|e| e.to_string())?;
+        let change = cc.get_change_type();
+        let cs = self.raw.apply_conf_change(&cc).map_err(|e| e.to_string())?;
         let mut batch = WriteBatch::default();
         self.raw.mut_store().set_conf_state(&mut batch, &cs);
-        self.write(batch, true)
+        self.write(batch, true)?;
+        // Only the entry decides what the namespace records (a promotion
+        // carries no address and keeps the one recorded at the join).
+        let member = Member::decode(&cc.context[..]).unwrap_or_default();
+        let removed = change == ConfChangeType::RemoveNode;
+        if removed {
+            self.namespace
+                .apply_member(entry.index, entry.term, cc.node_id, None)
+        } else if !member.addr.is_empty() {
+            if let Some(t) = &self.transport {
+                t.set_address(cc.node_id, Some(&member.addr));
+            }
+            self.namespace
+                .apply_member(entry.index, entry.term, cc.node_id, Some(&member.addr))
+        } else {
+            self.namespace.apply_nothing(entry.index, entry.term)
+        }
+        .map_err(|e| e.to_string())?;
+        if removed {
+            if let Some(t) = &self.transport {
+                t.set_address(cc.node_id, None);
+            }
+        }
+        tracing::info!(
+            "membership: {change:?} node {}; voters {:?}, learners {:?}",
+            cc.node_id,
+            cs.voters,
+            cs.learners
+        );
+        if removed && cc.node_id == self.id {
+            self.shared.status.lock().removed = true;
+        }
+        if self.promoting.is_some_and(|(id, _)| id == cc.node_id) {
+            self.promoting = None;
+        }
+        let (done, waiting) = std::mem::take(&mut self.pending_members)
+            .into_iter()
+            .partition(|(c, id, _)| *c == change && *id == cc.node_id);
+        self.pending_members = waiting;
+        for (_, _, reply) in done {
+            let _ = reply.send(Ok(()));
+        }
+        Ok(())
     }
 
     fn compact_log(&mut self) -> Result<(), String> {
@@ -483,5 +784,17 @@ impl Driver {
         s.last_index = store.last_index_now();
         s.voters = store.conf_state().voters.clone();
         s.learners = store.conf_state().learners.clone();
+        s.progress = if raft.state == StateRole::Leader {
+            raft.prs()
+                .iter()
+                .map(|(id, p)| PeerProgress {
+                    id: *id,
+                    matched: p.matched,
+                    state: format!("{:?}", p.state).to_lowercase(),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
     }
 }

@@ -5,13 +5,22 @@
 //! driver (`node`) writes new entries and hard state through `append` and
 //! `set_hard_state` into a RocksDB batch it commits itself, so one Ready is
 //! one write. Entries below the compaction point are gone; their last index
-//! and term are remembered as the snapshot metadata.
+//! and term are remembered as the snapshot metadata, and a peer that needs
+//! them gets a snapshot of the namespace instead (`snapshot`).
+//!
+//! A new cluster starts with a snapshot at index 1 (the root directory made
+//! by `bootstrap`), never with entry 1: so a joining node, whose log is
+//! empty, always starts from a snapshot and never applies commands to a
+//! namespace that lacks the root.
 
+use parking_lot::Mutex;
 use prost011::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, StorageError};
 use rocksdb::{IteratorMode, WriteBatch};
 
+use crate::namespace::Namespace;
+use crate::snapshot;
 use crate::store::{be, read_be, Store, CF_RAFT};
 
 const KEY_HARD_STATE: &[u8] = b"hs";
@@ -33,6 +42,9 @@ pub struct RaftLog {
     snapshot_index: u64,
     snapshot_term: u64,
     last_index: u64,
+    /// The last snapshot written for a peer, reused while the log still
+    /// holds every entry after it.
+    last_snapshot: Mutex<Option<Snapshot>>,
 }
 
 impl RaftLog {
@@ -48,6 +60,7 @@ impl RaftLog {
             snapshot_index: snap.index,
             snapshot_term: snap.term,
             last_index: snap.index,
+            last_snapshot: Mutex::new(None),
         };
         {
             let cf = log.store.cf(CF_RAFT);
@@ -63,17 +76,66 @@ impl RaftLog {
         Ok(log)
     }
 
-    /// Writes the configuration of a brand-new cluster whose only voter is
-    /// `node_id`.
+    /// Writes the Raft state of a brand-new cluster whose only voter is
+    /// `node_id`: a snapshot at index 1, term 1 (see the module comment).
     pub fn bootstrap(store: &Store, node_id: u64) -> raft::Result<()> {
         let cs = ConfState {
             voters: vec![node_id],
             ..Default::default()
         };
-        store
-            .db()
-            .put_cf(store.cf(CF_RAFT), KEY_CONF_STATE, cs.encode_to_vec())
-            .map_err(storage_err)
+        let meta = SnapshotMetadata {
+            index: 1,
+            term: 1,
+            conf_state: Some(cs.clone()),
+        };
+        let hs = HardState {
+            term: 1,
+            vote: 0,
+            commit: 1,
+        };
+        let cf = store.cf(CF_RAFT);
+        let mut batch = WriteBatch::default();
+        batch.put_cf(cf, KEY_CONF_STATE, cs.encode_to_vec());
+        batch.put_cf(cf, KEY_SNAPSHOT_META, meta.encode_to_vec());
+        batch.put_cf(cf, KEY_HARD_STATE, hs.encode_to_vec());
+        store.db().write(batch).map_err(storage_err)
+    }
+
+    /// Takes the state of installed snapshot `meta`: the log restarts after
+    /// its index (every older or conflicting entry is dropped).
+    pub fn apply_snapshot(&mut self, meta: &SnapshotMetadata) -> raft::Result<()> {
+        let cs = meta.conf_state.clone().unwrap_or_default();
+        let mut hs = self.hard_state.clone();
+        hs.commit = hs.commit.max(meta.index);
+        hs.term = hs.term.max(meta.term);
+        let cf = self.store.cf(CF_RAFT);
+        let mut batch = WriteBatch::default();
+        batch.put_cf(cf, KEY_SNAPSHOT_META, meta.encode_to_vec());
+        batch.put_cf(cf, KEY_CONF_STATE, cs.encode_to_vec());
+        batch.put_cf(cf, KEY_HARD_STATE, hs.encode_to_vec());
+        batch.delete_range_cf(cf, entry_key(0), entry_key(u64::MAX));
+        self.store.db().write(batch).map_err(storage_err)?;
+        self.store.sync().map_err(storage_err)?;
+        self.hard_state = hs;
+        self.conf_state = cs;
+        self.snapshot_index = meta.index;
+        self.snapshot_term = meta.term;
+        self.last_index = meta.index;
+        Ok(())
+    }
+
+    /// Forgets the log of a node whose snapshot install was interrupted, so
+    /// the leader sends it a snapshot again. Term and vote are kept (Raft's
+    /// safety rests on them); the membership too.
+    pub fn reset(store: &Store) -> raft::Result<()> {
+        let mut hs: HardState = load(store, KEY_HARD_STATE)?.unwrap_or_default();
+        hs.commit = 0;
+        let cf = store.cf(CF_RAFT);
+        let mut batch = WriteBatch::default();
+        batch.put_cf(cf, KEY_HARD_STATE, hs.encode_to_vec());
+        batch.delete_cf(cf, KEY_SNAPSHOT_META);
+        batch.delete_range_cf(cf, entry_key(0), entry_key(u64::MAX));
+        store.db().write(batch).map_err(storage_err)
     }
 
     pub fn hard_state(&self) -> &HardState {
@@ -230,12 +292,40 @@ impl raft::Storage for RaftLog {
         Ok(self.last_index)
     }
 
-    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        // Streaming the state machine to a lagging peer comes with peers;
-        // a single voter never asks for it.
-        Err(raft::Error::Store(
-            StorageError::SnapshotTemporarilyUnavailable,
-        ))
+    /// A snapshot of the namespace as applied now (this runs on the Raft
+    /// driver thread, between two applied entries), or the last one made
+    /// if the log still holds every entry after it.
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        let mut last = self.last_snapshot.lock();
+        if let Some(s) = last.as_ref() {
+            let meta = s.get_metadata();
+            let cs = meta.get_conf_state();
+            // A snapshot older than the peer's membership would be refused by it.
+            let knows_peer = cs.voters.contains(&to) || cs.learners.contains(&to);
+            if meta.index >= self.snapshot_index && meta.index >= request_index && knows_peer {
+                return Ok(s.clone());
+            }
+        }
+        let (index, term) = Namespace::new(self.store.clone())
+            .applied()
+            .map_err(storage_err)?;
+        let started = std::time::Instant::now();
+        let reference = snapshot::build(&self.store, index).map_err(storage_err)?;
+        tracing::info!(
+            "wrote snapshot at index {index} for node {to} ({} bytes) in {:?}",
+            reference.size,
+            started.elapsed()
+        );
+        let snap = Snapshot {
+            data: wpfs_proto::Message::encode_to_vec(&reference),
+            metadata: Some(SnapshotMetadata {
+                index,
+                term,
+                conf_state: Some(self.conf_state.clone()),
+            }),
+        };
+        *last = Some(snap.clone());
+        Ok(snap)
     }
 }
 

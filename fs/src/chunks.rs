@@ -12,9 +12,14 @@
 //! unreferenced and unpinned and deletes them. The pin lock orders a
 //! writer's "pin, then check/put" against the collector's "check pin, then
 //! delete", so a chunk about to be referenced is never deleted.
+//!
+//! A chunk referenced here but not stored yet (its writer is another node
+//! and background replication has not brought it) is fetched from a peer
+//! through the `ChunkSource` at the moment a read needs it, and checked
+//! against its hash like any other.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 use rocksdb::WriteBatch;
@@ -27,6 +32,14 @@ use crate::error::{err, Result};
 pub struct ChunkStore {
     store: Store,
     pins: Mutex<HashMap<Hash, u32>>,
+    source: OnceLock<Arc<dyn ChunkSource>>,
+}
+
+/// Where missing chunks come from: the peers.
+pub trait ChunkSource: Send + Sync {
+    /// The chunk's bytes from some peer, not yet verified; `None` when no
+    /// reachable peer has it.
+    fn fetch(&self, hash: &Hash) -> Option<Vec<u8>>;
 }
 
 /// Chunks pinned by one pending write; unpinned when dropped.
@@ -90,7 +103,34 @@ impl ChunkStore {
         ChunkStore {
             store,
             pins: Mutex::new(HashMap::new()),
+            source: OnceLock::new(),
         }
+    }
+
+    pub fn set_source(&self, source: Arc<dyn ChunkSource>) {
+        let _ = self.source.set(source);
+    }
+
+    pub fn contains(&self, hash: &Hash) -> Result<bool> {
+        Ok(self
+            .store
+            .db()
+            .get_pinned_cf(self.store.cf(CF_CHUNKS), hash)?
+            .is_some())
+    }
+
+    /// Stores a chunk that came from a peer, if it is what `hash` says.
+    /// It is flagged like a fresh write: if nothing references it any more
+    /// by the time it arrives, the collector removes it.
+    pub fn put_verified(&self, hash: &Hash, data: &[u8]) -> Result<bool> {
+        if blake3::hash(data).as_bytes() != hash {
+            return Ok(false);
+        }
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.store.cf(CF_CHUNKS), hash, data);
+        batch.put_cf(self.store.cf(CF_META), garbage_key(hash), b"");
+        self.store.db().write(batch)?;
+        Ok(true)
     }
 
     /// The chunk with `hash`, verified; `snapshot` gives a consistent view.
@@ -100,8 +140,11 @@ impl ChunkStore {
             Some(s) => s.get_cf(cf, hash)?,
             None => self.store.db().get_cf(cf, hash)?,
         };
-        let Some(data) = data else {
-            tracing::error!("chunk {} is missing from the store", hex(hash));
+        let Some(data) = data.or_else(|| self.fetch(hash)) else {
+            tracing::error!(
+                "chunk {} is missing here and no reachable peer has it",
+                hex(hash)
+            );
             return err(libc::EIO);
         };
         if blake3::hash(&data).as_bytes() != hash {
@@ -112,6 +155,23 @@ impl ChunkStore {
             return err(libc::EIO);
         }
         Ok(data)
+    }
+
+    /// A missing chunk, from a peer, verified and stored.
+    fn fetch(&self, hash: &[u8]) -> Option<Vec<u8>> {
+        let hash: &Hash = hash.try_into().ok()?;
+        let data = self.source.get()?.fetch(hash)?;
+        match self.put_verified(hash, &data) {
+            Ok(true) => Some(data),
+            Ok(false) => {
+                tracing::error!("a peer sent chunk {} with the wrong bytes", hex(hash));
+                None
+            }
+            Err(e) => {
+                tracing::warn!("storing fetched chunk {}: {e:?}", hex(hash));
+                Some(data)
+            }
+        }
     }
 
     /// Deletes the flagged chunks that no file references and no pending

@@ -143,6 +143,10 @@ impl FsCore {
         &self.node
     }
 
+    pub fn chunks(&self) -> &Arc<ChunkStore> {
+        &self.contents.chunks
+    }
+
     fn propose(&self, op: Op, durable: bool) -> Result<Outcome> {
         if self.opts.read_only {
             return err(libc::EROFS);

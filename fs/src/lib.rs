@@ -4,6 +4,9 @@
 //! - `file`: writes of open files, buffered until close/fsync commits them;
 //! - `chunks`: the BLAKE3-addressed chunk store and its garbage collection;
 //! - `fuse`: the thin `fuser::Filesystem` that translates kernel requests;
+//! - `replication`: fetching the chunks other nodes wrote;
+//! - `remote`: what applying another node's change does here (kernel
+//!   cache invalidation, chunk fetches);
 //! - `error`: errno mapping.
 
 pub mod chunks;
@@ -11,6 +14,8 @@ pub mod core;
 pub mod error;
 pub mod file;
 pub mod fuse;
+pub mod remote;
+pub mod replication;
 
 use std::path::Path;
 use std::sync::Arc;

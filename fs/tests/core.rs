@@ -20,9 +20,9 @@ struct Fixture {
 fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("db");
-    wpfs_consensus::bootstrap(&db, 1, 0, 0, 0).unwrap();
+    wpfs_consensus::bootstrap(&db, 1, "127.0.0.1:1", 0, 0, 0).unwrap();
     let store = Store::open(&db, false).unwrap();
-    let node = Arc::new(Node::start(NodeConfig::new(1), store.clone()).unwrap());
+    let node = Arc::new(Node::start(NodeConfig::new(1), store.clone(), None).unwrap());
     assert!(node.wait_for_leader(Duration::from_secs(5)));
     let core = FsCore::new(
         node,

@@ -6,7 +6,9 @@
 //! - `GET /status`: the node's state as JSON (docs/operations.md lists the fields);
 //! - `GET /health`: 200 when the mount, the store and a Raft majority are
 //!   usable, else 503 with the part that is not;
-//! - `GET /metrics`: Prometheus text.
+//! - `GET /metrics`: Prometheus text;
+//! - `POST /leave`, `POST /remove/N` (Unix socket only): membership changes
+//!   for `wpfs leave` and `wpfs remove`.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
@@ -17,15 +19,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use wpfs_consensus::Transport;
+use wpfs_fs::replication::Replicator;
 use wpfs_fs::FsCore;
 
+use crate::cluster::{self, PeerService};
 use crate::config::NodeConfig;
 
 pub struct AdminState {
     pub core: Arc<FsCore>,
     pub config: NodeConfig,
+    pub dir: PathBuf,
     pub mountpoint: PathBuf,
     pub mounted: AtomicBool,
+    pub transport: Transport,
+    pub replicator: Arc<Replicator>,
+    pub service: Arc<PeerService>,
 }
 
 impl AdminState {
@@ -34,6 +43,8 @@ impl AdminState {
         let raft = self.core.node().status();
         if let Some(why) = raft.failed {
             Some(format!("store failed: {why}"))
+        } else if raft.removed {
+            Some("removed from the cluster".into())
         } else if raft.leader == 0 {
             Some("no Raft leader: a majority of voters is unreachable, writes fail".into())
         } else if !self.mounted.load(Ordering::Relaxed) {
@@ -43,9 +54,38 @@ impl AdminState {
         }
     }
 
+    /// Every member as this node sees it.
+    fn members(&self) -> Vec<Value> {
+        let raft = self.core.node().status();
+        let links = self.transport.links();
+        let me = self.config.node_id;
+        let roles = raft
+            .voters
+            .iter()
+            .map(|id| (*id, "voter"))
+            .chain(raft.learners.iter().map(|id| (*id, "learner")));
+        roles
+            .map(|(id, role)| {
+                let link = links.get(&id);
+                let progress = raft.progress.iter().find(|p| p.id == id);
+                json!({
+                    "id": id,
+                    "address": if id == me { Some(self.config.listen.clone()) } else { link.map(|l| l.addr.clone()) },
+                    "role": if id == raft.leader { "leader" } else { role },
+                    "reachable": id == me || link.is_some_and(|l| l.connected),
+                    "match_index": progress.map(|p| p.matched),
+                    "replication": progress.map(|p| p.state.clone()),
+                    "last_error": link.and_then(|l| l.last_error.clone()),
+                })
+            })
+            .collect()
+    }
+
     pub fn status(&self) -> Value {
         let raft = self.core.node().status();
         let store = self.core.namespace().store();
+        let replication = self.replicator.status();
+        let snapshot = &self.service.snapshot;
         json!({
             "node_id": self.config.node_id,
             "cluster_id": self.config.cluster_id,
@@ -61,6 +101,15 @@ impl AdminState {
             "last_log_index": raft.last_index,
             "voters": raft.voters,
             "learners": raft.learners,
+            "members": self.members(),
+            "replication_backlog_chunks": replication.backlog_chunks,
+            "replicated_chunks": replication.fetched_chunks,
+            "replicated_bytes": replication.fetched_bytes,
+            "snapshot_received": {
+                "index": snapshot.index.load(Ordering::Relaxed),
+                "bytes": snapshot.received.load(Ordering::Relaxed),
+                "size": snapshot.size.load(Ordering::Relaxed),
+            },
             "store_bytes": store.size_bytes(),
             "inodes": self.core.namespace().inode_count().unwrap_or(0),
             "chunks": self.core.chunk_count_estimate(),
@@ -81,14 +130,52 @@ impl AdminState {
              # TYPE wpfs_raft_commit_index gauge\nwpfs_raft_commit_index {}\n\
              # TYPE wpfs_raft_applied_index gauge\nwpfs_raft_applied_index {}\n\
              # TYPE wpfs_store_bytes gauge\nwpfs_store_bytes {}\n\
-             # TYPE wpfs_inodes gauge\nwpfs_inodes {}\n",
+             # TYPE wpfs_inodes gauge\nwpfs_inodes {}\n\
+             # TYPE wpfs_replication_backlog_chunks gauge\nwpfs_replication_backlog_chunks {}\n\
+             # TYPE wpfs_replicated_bytes_total counter\nwpfs_replicated_bytes_total {}\n\
+             # TYPE wpfs_peers_reachable gauge\nwpfs_peers_reachable {}\n",
             raft.term,
             (raft.role == "leader") as u8,
             raft.commit,
             raft.applied,
             store.size_bytes(),
             self.core.namespace().inode_count().unwrap_or(0),
+            self.replicator.status().backlog_chunks,
+            self.replicator.status().fetched_bytes,
+            self.transport
+                .links()
+                .values()
+                .filter(|l| l.connected)
+                .count(),
         )
+    }
+
+    /// Membership changes asked through the Unix socket.
+    fn change(&self, path: &str) -> (u16, &'static str, String) {
+        let node = self.core.node();
+        let result = if path == "/leave" {
+            cluster::leave(node, &self.transport).map(|()| {
+                let _ = cluster::mark_left(&self.dir);
+                // SAFETY: signals our own process; the signal thread unmounts.
+                unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+                format!(
+                    "node {} left the cluster; unmounting\n",
+                    self.config.node_id
+                )
+            })
+        } else if let Some(id) = path.strip_prefix("/remove/").and_then(|n| n.parse().ok()) {
+            cluster::remove(node, &self.transport, id).map(|()| format!("node {id} removed\n"))
+        } else {
+            return (
+                404,
+                "text/plain",
+                "not found: try /leave or /remove/N\n".into(),
+            );
+        };
+        match result {
+            Ok(text) => (200, "text/plain", text),
+            Err(why) => (409, "text/plain", format!("{why}\n")),
+        }
     }
 
     fn respond(&self, path: &str) -> (u16, &'static str, String) {
@@ -108,7 +195,7 @@ impl AdminState {
     }
 }
 
-fn handle(state: &AdminState, stream: &mut (impl Read + Write)) {
+fn handle(state: &AdminState, stream: &mut (impl Read + Write), local: bool) {
     let mut line = String::new();
     let mut reader = BufReader::new(&mut *stream).take(8192);
     if reader.read_line(&mut line).is_err() {
@@ -117,11 +204,13 @@ fn handle(state: &AdminState, stream: &mut (impl Read + Write)) {
     let mut parts = line.split_whitespace();
     let (status, kind, body) = match (parts.next(), parts.next()) {
         (Some("GET"), Some(path)) => state.respond(path),
+        (Some("POST"), Some(path)) if local => state.change(path),
         _ => (400, "text/plain", "bad request\n".into()),
     };
     let reason = match status {
         200 => "OK",
         404 => "Not Found",
+        409 => "Conflict",
         503 => "Service Unavailable",
         _ => "Bad Request",
     };
@@ -152,6 +241,7 @@ impl Connection for std::net::TcpStream {
 /// Answers the connections `accept` yields, one at a time, on a thread.
 fn spawn_server<C: Connection>(
     name: &str,
+    local: bool,
     state: Arc<AdminState>,
     mut accept: impl FnMut() -> std::io::Result<C> + Send + 'static,
 ) -> Result<(), String> {
@@ -160,7 +250,7 @@ fn spawn_server<C: Connection>(
         .spawn(move || loop {
             if let Ok(mut conn) = accept() {
                 conn.limit_wait();
-                handle(&state, &mut conn);
+                handle(&state, &mut conn, local);
             }
         })
         .map(|_| ())
@@ -172,14 +262,14 @@ pub fn serve(state: Arc<AdminState>, socket: &Path, tcp: Option<&str>) -> Result
     let _ = std::fs::remove_file(socket); // left by a killed daemon
     let unix = UnixListener::bind(socket)
         .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
-    spawn_server("admin-unix", state.clone(), move || {
+    spawn_server("admin-unix", true, state.clone(), move || {
         unix.accept().map(|(c, _)| c)
     })?;
     if let Some(addr) = tcp {
         let listener = TcpListener::bind(addr).map_err(|e| {
             format!("cannot listen on admin address {addr}: {e} (is another node using it?)")
         })?;
-        spawn_server("admin-tcp", state, move || {
+        spawn_server("admin-tcp", false, state, move || {
             listener.accept().map(|(c, _)| c)
         })?;
     }
@@ -188,12 +278,18 @@ pub fn serve(state: Arc<AdminState>, socket: &Path, tcp: Option<&str>) -> Result
 
 /// Asks a running daemon through its socket; None when none answers.
 pub fn query(socket: &Path, path: &str) -> Option<String> {
+    request(socket, "GET", path).map(|(_, body)| body)
+}
+
+/// Sends `method path` to a running daemon: its HTTP status and body, or
+/// None when no daemon answers.
+pub fn request(socket: &Path, method: &str, path: &str) -> Option<(u16, String)> {
     let mut conn = std::os::unix::net::UnixStream::connect(socket).ok()?;
-    conn.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(conn, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
+    conn.set_read_timeout(Some(Duration::from_secs(60))).ok()?;
+    write!(conn, "{method} {path} HTTP/1.0\r\n\r\n").ok()?;
     let mut response = String::new();
     conn.read_to_string(&mut response).ok()?;
-    response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_string()))
 }

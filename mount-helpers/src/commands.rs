@@ -21,7 +21,14 @@ pub fn init(dir: &Path, node_id: u64, listen: &str, admin: Option<&str>) -> Resu
     let config = NodeConfig::new(node_id, listen.to_string(), admin.map(str::to_string));
     // SAFETY: getuid/getgid have no preconditions.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    wpfs_consensus::bootstrap(&db_path(dir), node_id, wpfs_fs::core::now_ns(), uid, gid)?;
+    wpfs_consensus::bootstrap(
+        &db_path(dir),
+        node_id,
+        listen,
+        wpfs_fs::core::now_ns(),
+        uid,
+        gid,
+    )?;
     config.create(dir)?;
     Ok(config.join_token())
 }
@@ -77,12 +84,44 @@ pub fn status(dir: &Path) -> Result<Value, String> {
         "last_log_index": log.last_index_now(),
         "voters": log.conf_state().voters,
         "learners": log.conf_state().learners,
+        "members": namespace.members().unwrap_or_default().iter().map(|(id, addr)| json!({
+            "id": id,
+            "address": addr,
+            "role": if log.conf_state().voters.contains(id) { "voter" } else { "learner" },
+            "reachable": null,
+            "match_index": null,
+        })).collect::<Vec<_>>(),
         "store_bytes": store.size_bytes(),
         "inodes": namespace.inode_count().unwrap_or(0),
         "mounted": false,
         "mountpoint": null,
         "health": "not running: start it with `wpfs mount DIR MOUNTPOINT`",
     }))
+}
+
+/// `wpfs leave`: the running node leaves its cluster and unmounts.
+pub fn leave(dir: &Path) -> Result<String, String> {
+    change(dir, "/leave")
+}
+
+/// `wpfs remove`: the running node asks the leader to remove node `id`.
+pub fn remove(dir: &Path, id: u64) -> Result<String, String> {
+    check_node_id(id)?;
+    change(dir, &format!("/remove/{id}"))
+}
+
+fn change(dir: &Path, path: &str) -> Result<String, String> {
+    let config = NodeConfig::load(dir)?;
+    match admin::request(&dir.join(SOCKET_FILE), "POST", path) {
+        Some((200, body)) => Ok(body),
+        Some((_, why)) => Err(why.trim().to_string()),
+        None => Err(format!(
+            "node {} is not running: mount it first (`wpfs mount {} MOUNTPOINT`), \
+             or run this on another member's data directory",
+            config.node_id,
+            dir.display()
+        )),
+    }
 }
 
 /// The status as the human-readable lines `wpfs status` prints.
@@ -113,7 +152,30 @@ pub fn status_text(s: &Value) -> String {
     ]
     .iter()
     .map(|(label, key)| format!("{label:<14} {}\n", field(key)))
+    .chain(
+        s["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(member_line),
+    )
     .collect()
+}
+
+fn member_line(m: &Value) -> String {
+    let text = |k: &str| match &m[k] {
+        Value::String(v) => v.clone(),
+        Value::Null => "-".into(),
+        v => v.to_string(),
+    };
+    format!(
+        "member {:<7} {:<22} {:<8} reachable={:<5} match={}\n",
+        text("id"),
+        text("address"),
+        text("role"),
+        text("reachable"),
+        text("match_index")
+    )
 }
 
 fn check_node_id(id: u64) -> Result<(), String> {

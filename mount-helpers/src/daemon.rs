@@ -17,10 +17,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use wpfs_consensus::{Node, Store, StoreError};
+use wpfs_consensus::{Namespace, Node, Store, StoreError, Transport, TransportConfig};
+use wpfs_fs::remote::RemoteChanges;
+use wpfs_fs::replication::Replicator;
 use wpfs_fs::{CoreOptions, FsCore, MountOptions};
 
 use crate::admin::{self, AdminState};
+use crate::cluster::{self, PeerHandler, PeerService, LEFT_FILE};
 use crate::config::{db_path, NodeConfig, LOG_FILE, SOCKET_FILE};
 use crate::options::Options;
 
@@ -115,6 +118,17 @@ impl Reporter {
         Reporter { fd: None }
     }
 
+    /// A line for the waiting `wpfs mount` to print (and the log).
+    fn progress(&mut self, line: &str) {
+        tracing::info!("{line}");
+        if let Some(fd) = self.fd {
+            let text = format!("progress {line}\n");
+            // SAFETY: fd is the write end of our pipe; a short write only
+            // loses a progress line.
+            unsafe { libc::write(fd, text.as_ptr().cast(), text.len()) };
+        }
+    }
+
     fn report(&mut self, result: Result<(), &str>) {
         if let Some(fd) = self.fd.take() {
             // SAFETY: fd is the write end of our pipe, owned only here.
@@ -154,17 +168,19 @@ fn daemonize(req: &MountRequest, config: &NodeConfig) -> Result<(), String> {
         _child => {
             // SAFETY: closing our copy of the write end, then owning the read end.
             unsafe { libc::close(write_fd) };
-            let mut answer = String::new();
-            let mut f = unsafe { fs::File::from_raw_fd(read_fd) };
-            let _ = std::io::Read::read_to_string(&mut f, &mut answer);
-            match answer.trim() {
-                "ok" => Ok(()),
-                "" => Err(format!(
-                    "the wpfs daemon exited before mounting: see {}",
-                    req.dir.join(LOG_FILE).display()
-                )),
-                why => Err(why.to_string()),
+            let f = unsafe { fs::File::from_raw_fd(read_fd) };
+            for line in std::io::BufRead::lines(std::io::BufReader::new(f)) {
+                let Ok(line) = line else { break };
+                match line.strip_prefix("progress ") {
+                    Some(text) => eprintln!("wpfs: {text}"),
+                    None if line == "ok" => return Ok(()),
+                    None => return Err(line),
+                }
             }
+            Err(format!(
+                "the wpfs daemon exited before mounting: see {}",
+                req.dir.join(LOG_FILE).display()
+            ))
         }
     }
 }
@@ -216,8 +232,18 @@ fn block_stop_signals() -> libc::sigset_t {
 fn run(req: &MountRequest, config: &NodeConfig, reporter: &mut Reporter) -> Result<(), String> {
     init_logging();
     let signals = block_stop_signals();
+    if req.dir.join(LEFT_FILE).exists() {
+        return Err(format!(
+            "node {} left its cluster: to add this machine again, use a new data directory \
+             with `wpfs join` (and remove {} when you no longer need it)",
+            config.node_id,
+            req.dir.display()
+        ));
+    }
     let db = db_path(&req.dir);
-    let store = Store::open(&db, false).map_err(|e| match e {
+    // A joined node's store is created by its first mount.
+    let first_mount = config.peer.is_some() && !db.exists();
+    let store = Store::open(&db, first_mount).map_err(|e| match e {
         StoreError::Locked { .. } => format!(
             "{} is in use by a running wpfs (mounted elsewhere?): `wpfs status --data {}` shows where",
             req.dir.display(),
@@ -225,13 +251,38 @@ fn run(req: &MountRequest, config: &NodeConfig, reporter: &mut Reporter) -> Resu
         ),
         other => other.to_string(),
     })?;
+    let transport = Transport::start(TransportConfig {
+        node_id: config.node_id,
+        listen: config.listen.clone(),
+        cluster_id: config.cluster_id.clone(),
+        secret: config.secret.clone(),
+    })?;
     let node = Arc::new(
         Node::start(
             wpfs_consensus::NodeConfig::new(config.node_id),
             store.clone(),
+            Some(transport.clone()),
         )
         .map_err(|e| format!("cannot start Raft: {e}"))?,
     );
+    let service = PeerService::new(node.clone(), store.clone(), transport.clone());
+    transport.set_handler(Arc::new(PeerHandler(service.clone())));
+    let namespace = Namespace::new(store.clone());
+    if namespace.applied().map_err(|e| e.to_string())?.0 == 0 {
+        let Some(peer) = &config.peer else {
+            return Err(format!(
+                "{} holds no filesystem (an interrupted `wpfs init`?): create the node again",
+                db.display()
+            ));
+        };
+        cluster::join(
+            &service,
+            config.node_id,
+            &config.listen,
+            peer,
+            &mut |line| reporter.progress(&line),
+        )?;
+    }
     if !node.wait_for_leader(req.options.write_timeout) {
         tracing::warn!(
             "no Raft leader yet: the mount serves reads, writes fail until one is elected"
@@ -246,6 +297,14 @@ fn run(req: &MountRequest, config: &NodeConfig, reporter: &mut Reporter) -> Resu
             data_dir: req.dir.clone(),
         },
     );
+    let replicator = Replicator::start(transport.clone(), core.chunks().clone());
+    core.chunks().set_source(replicator.clone());
+    let remote = RemoteChanges::new(config.node_id, namespace.clone(), Some(replicator.clone()));
+    node.set_observer(remote.clone());
+    {
+        let (r, ns) = (replicator.clone(), namespace);
+        std::thread::spawn(move || r.scan(&ns));
+    }
     if !req.options.read_only {
         match core.reap_orphans() {
             Ok(0) => {}
@@ -254,7 +313,12 @@ fn run(req: &MountRequest, config: &NodeConfig, reporter: &mut Reporter) -> Resu
         }
     }
     let stop = Arc::new(AtomicBool::new(false));
-    let maintenance = spawn_maintenance(core.clone(), stop.clone());
+    let maintenance = spawn_maintenance(
+        core.clone(),
+        replicator.clone(),
+        req.dir.clone(),
+        stop.clone(),
+    );
 
     let mount_opts = MountOptions {
         source: req.dir.to_string_lossy().into_owned(),
@@ -265,11 +329,16 @@ fn run(req: &MountRequest, config: &NodeConfig, reporter: &mut Reporter) -> Resu
     };
     let mut session = wpfs_fs::mount(core.clone(), &req.mountpoint, &mount_opts)
         .map_err(|e| format!("cannot mount at {}: {e}", req.mountpoint.display()))?;
+    remote.set_notifier(session.notifier());
     let state = Arc::new(AdminState {
         core: core.clone(),
         config: config.clone(),
+        dir: req.dir.clone(),
         mountpoint: req.mountpoint.clone(),
         mounted: AtomicBool::new(true),
+        transport,
+        replicator,
+        service,
     });
     admin::serve(
         state.clone(),
@@ -308,8 +377,14 @@ fn run(req: &MountRequest, config: &NodeConfig, reporter: &mut Reporter) -> Resu
     served.map_err(|e| format!("FUSE session ended with an error: {e}"))
 }
 
-/// Collects unreferenced chunks every few seconds.
-fn spawn_maintenance(core: Arc<FsCore>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+/// Every few seconds: collects unreferenced chunks and retries chunk
+/// fetches that failed. Unmounts once this node has been removed.
+fn spawn_maintenance(
+    core: Arc<FsCore>,
+    replicator: Arc<Replicator>,
+    dir: PathBuf,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("maintenance".into())
         .spawn(move || {
@@ -321,6 +396,13 @@ fn spawn_maintenance(core: Arc<FsCore>, stop: Arc<AtomicBool>) -> std::thread::J
                     if let Err(e) = core.collect_garbage() {
                         tracing::warn!("chunk collection failed: {e:?}");
                     }
+                    replicator.retry();
+                }
+                if core.node().status().removed && !dir.join(LEFT_FILE).exists() {
+                    tracing::warn!("this node was removed from the cluster: unmounting");
+                    let _ = cluster::mark_left(&dir);
+                    // SAFETY: signals our own process; the signal thread unmounts.
+                    unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
                 }
             }
         })

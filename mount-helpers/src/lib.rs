@@ -3,11 +3,13 @@
 //! - `config`: the data directory and its `wpfs.json`;
 //! - `options`: mount options (`-o`, fstab);
 //! - `daemon`: `wpfs mount`, the running node;
+//! - `cluster`: peers, joining, leaving, removing;
 //! - `admin`: the status/health/metrics endpoint;
 //! - `commands`: init, join, token, status;
 //! - `mount_helper`: `mount.wpfs`, for mount(8) and /etc/fstab.
 
 pub mod admin;
+pub mod cluster;
 pub mod commands;
 pub mod config;
 pub mod daemon;

@@ -73,7 +73,10 @@ fn port() -> u16 {
 
 /// `wpfs init` of node 1 of a new cluster in `data`; returns its output.
 pub fn init(data: &Path) -> String {
-    let listen = format!("127.0.0.1:{}", port());
+    init_at(data, &format!("127.0.0.1:{}", port()))
+}
+
+fn init_at(data: &Path, listen: &str) -> String {
     wpfs_ok(&[
         "init",
         "--data",
@@ -81,7 +84,7 @@ pub fn init(data: &Path) -> String {
         "--node-id",
         "1",
         "--listen",
-        &listen,
+        listen,
     ])
 }
 
@@ -99,6 +102,14 @@ impl Node {
     }
 
     pub fn single_with(mount_options: &[&str]) -> Node {
+        let node = Node::unmounted();
+        init(&node.data);
+        node.mount_with(mount_options);
+        node
+    }
+
+    /// A temporary directory for a node, with nothing in it yet.
+    fn unmounted() -> Node {
         let root = tempfile::Builder::new()
             .prefix("wpfs-test-")
             .tempdir_in(std::env::var_os("WPFS_TEST_DIR").unwrap_or_else(|| "/var/tmp".into()))
@@ -106,10 +117,7 @@ impl Node {
         let data = root.path().join("data");
         let mnt = root.path().join("mnt");
         std::fs::create_dir(&mnt).unwrap();
-        init(&data);
-        let node = Node { root, data, mnt };
-        node.mount_with(mount_options);
-        node
+        Node { root, data, mnt }
     }
 
     pub fn mount(&self) {
@@ -174,6 +182,109 @@ impl Drop for Node {
             }
         }
         let _ = Command::new("umount").arg("-l").arg(&self.mnt).output();
+    }
+}
+
+/// Several nodes of one cluster on 127.0.0.1, each a real `wpfs` daemon
+/// with its own store, peer port and mount.
+pub struct Cluster {
+    pub nodes: Vec<Node>,
+    token: String,
+    first_listen: String,
+}
+
+impl Cluster {
+    /// Node 1 by `wpfs init`, nodes 2..=n by `wpfs join`; all mounted.
+    pub fn start(n: u64) -> Cluster {
+        let first = Node::unmounted();
+        let listen = format!("127.0.0.1:{}", port());
+        let out = init_at(&first.data, &listen);
+        let token = out.lines().last().expect("token line").to_string();
+        first.mount();
+        let mut cluster = Cluster {
+            nodes: vec![first],
+            token,
+            first_listen: listen,
+        };
+        for id in 2..=n {
+            cluster.add(id);
+        }
+        cluster.wait_for_voters(n.min(5) as usize);
+        cluster
+    }
+
+    /// `wpfs join` + first `wpfs mount` of node `id` through node 1.
+    pub fn add(&mut self, id: u64) -> &Node {
+        let node = Node::unmounted();
+        let token = self.token.clone();
+        node.join(id, &self.first_listen, &token)
+            .expect("wpfs join + mount");
+        self.nodes.push(node);
+        self.nodes.last().unwrap()
+    }
+
+    /// A node prepared with `token` that tries to join: the first mount's
+    /// error when it fails.
+    pub fn try_join(&self, id: u64, token: &str) -> (Node, Result<(), String>) {
+        let node = Node::unmounted();
+        let result = node.join(id, &self.first_listen, token);
+        (node, result)
+    }
+
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// Node `id` (ids are 1-based, in the order they were added).
+    pub fn node(&self, id: u64) -> &Node {
+        &self.nodes[id as usize - 1]
+    }
+
+    /// Waits until node 1 sees `n` voters (learners are promoted once
+    /// they have caught up).
+    pub fn wait_for_voters(&self, n: usize) {
+        let node = &self.nodes[0];
+        wait_until(Duration::from_secs(30), "voters to be promoted", || {
+            node.status()["voters"].as_array().map(|v| v.len()) == Some(n)
+        });
+    }
+}
+
+impl Node {
+    fn join(&self, id: u64, peer: &str, token: &str) -> Result<(), String> {
+        let listen = format!("127.0.0.1:{}", port());
+        let id = id.to_string();
+        wpfs_ok(&[
+            "join",
+            "--data",
+            s(&self.data),
+            "--node-id",
+            &id,
+            "--listen",
+            &listen,
+            "--peer",
+            peer,
+            "--token",
+            token,
+        ]);
+        let out = wpfs(&["mount", s(&self.data), s(&self.mnt)]);
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+}
+
+/// Polls `cond` every 20 ms until it holds; panics naming `what` after `timeout`.
+pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

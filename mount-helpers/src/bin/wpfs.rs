@@ -137,11 +137,14 @@ fn run(cli: Cli) -> Result<(), String> {
             println!("{}", commands::token(&data)?);
             Ok(())
         }
-        Command::Leave { .. } | Command::Remove { .. } => Err(
-            "membership changes need peers, which this build does not have yet: \
-             a one-node cluster has nobody to leave or remove"
-                .into(),
-        ),
+        Command::Leave { data } => {
+            print!("{}", commands::leave(&data)?);
+            Ok(())
+        }
+        Command::Remove { data, node_id } => {
+            print!("{}", commands::remove(&data, node_id)?);
+            Ok(())
+        }
     }
 }
 

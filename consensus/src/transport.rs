@@ -1,0 +1,576 @@
+//! The peer transport: length-delimited prost frames over TCP between the
+//! nodes of one cluster, carrying Raft messages and a few requests (fetch a
+//! chunk, fetch a snapshot piece, join, remove).
+//!
+//! Why not gRPC: everything here runs on plain threads (the Raft driver,
+//! the FUSE workers), the messages are few and already prost-encoded, and a
+//! frame loop of a hundred lines is easier to reason about under faults
+//! than an async runtime. One protocol, one port.
+//!
+//! Connections: this node dials one outbound connection per peer address
+//! (a `Link`, with a writer thread and a reader thread for responses) and
+//! accepts inbound ones (a reader thread each, answering requests on the
+//! same socket). Raft messages travel on the sender's outbound link; a
+//! message to a peer that is down is dropped at once (Raft retries), never
+//! queued behind a dead socket.
+//!
+//! Authentication: both ends prove they know the cluster secret, each
+//! answering the other's fresh nonce with a keyed BLAKE3 hash, before any
+//! other frame is read. A peer that fails (or sends garbage, or a frame over
+//! `MAX_FRAME`) is logged and disconnected; nothing it sent is acted on.
+//! The link is not encrypted: run it on a private network.
+
+use std::collections::HashMap;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use parking_lot::{Mutex, RwLock};
+use wpfs_proto::peer_frame::Body;
+use wpfs_proto::peer_request::Kind;
+use wpfs_proto::{Challenge, Hello, Message, PeerFrame, PeerRequest, PeerResponse};
+
+/// The largest frame accepted: a snapshot piece or a batch of Raft entries
+/// is far smaller; anything bigger is garbage.
+pub const MAX_FRAME: usize = 64 << 20;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// An inbound connection silent this long is closed; its dialer reconnects.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+const RECONNECT_DELAY: Duration = Duration::from_millis(200);
+/// Frames waiting for a link's writer; more are dropped (Raft resends).
+const QUEUE_FRAMES: usize = 4096;
+/// In the error of a call to a peer that refused this node's credentials.
+pub const REFUSED: &str =
+    "refused by the peer: this node's cluster id or secret is not its cluster's";
+
+#[derive(Clone, Debug)]
+pub struct TransportConfig {
+    pub node_id: u64,
+    pub listen: String,
+    pub cluster_id: String,
+    pub secret: String,
+}
+
+/// What the node does with what peers send.
+pub trait Handler: Send + Sync + 'static {
+    fn raft_message(&self, msg: raft::eraftpb::Message);
+    /// Answers a request; runs on its own thread, so it may block.
+    fn request(&self, from: u64, kind: Kind) -> Result<Vec<u8>, String>;
+}
+
+/// How one peer looks from here, for `wpfs status`.
+#[derive(Clone, Debug)]
+pub struct LinkStatus {
+    pub addr: String,
+    pub connected: bool,
+    pub last_error: Option<String>,
+}
+
+#[derive(Clone)]
+pub struct Transport {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: TransportConfig,
+    key: [u8; 32],
+    handler: OnceLock<Arc<dyn Handler>>,
+    /// Peer addresses by node id: from the membership and from handshakes.
+    addrs: RwLock<HashMap<u64, String>>,
+    links: Mutex<HashMap<String, Arc<Link>>>,
+    next_request: AtomicU64,
+}
+
+impl Transport {
+    /// Binds the listen address and starts accepting peers. Requests and
+    /// Raft messages wait until `set_handler`.
+    pub fn start(config: TransportConfig) -> Result<Transport, String> {
+        let listener = TcpListener::bind(&config.listen).map_err(|e| {
+            format!(
+                "cannot listen on {} for peers: {e} (is another wpfs or service using it?)",
+                config.listen
+            )
+        })?;
+        let key = blake3::derive_key("wpfs peer authentication v1", config.secret.as_bytes());
+        let inner = Arc::new(Inner {
+            config,
+            key,
+            handler: OnceLock::new(),
+            addrs: RwLock::new(HashMap::new()),
+            links: Mutex::new(HashMap::new()),
+            next_request: AtomicU64::new(1),
+        });
+        let accepting = inner.clone();
+        std::thread::Builder::new()
+            .name("peer-accept".into())
+            .spawn(move || accepting.accept(listener))
+            .map_err(|e| e.to_string())?;
+        Ok(Transport { inner })
+    }
+
+    pub fn set_handler(&self, handler: Arc<dyn Handler>) {
+        let _ = self.inner.handler.set(handler);
+    }
+
+    pub fn node_id(&self) -> u64 {
+        self.inner.config.node_id
+    }
+
+    /// Records (or, with `None`, forgets) where node `id` listens.
+    pub fn set_address(&self, id: u64, addr: Option<&str>) {
+        if id == self.inner.config.node_id {
+            return;
+        }
+        let mut addrs = self.inner.addrs.write();
+        match addr {
+            Some(a) => {
+                addrs.insert(id, a.to_string());
+                // Dial now: status shows a member's reachability at once.
+                self.inner.link(a).wake();
+            }
+            None => {
+                addrs.remove(&id);
+            }
+        }
+    }
+
+    pub fn address(&self, id: u64) -> Option<String> {
+        self.inner.addrs.read().get(&id).cloned()
+    }
+
+    /// Queues a Raft message; false when it cannot go out now (no address,
+    /// link down or backed up), so Raft can treat the peer as unreachable.
+    pub fn send_raft(&self, msg: &raft::eraftpb::Message) -> bool {
+        let Some(addr) = self.address(msg.to) else {
+            return false;
+        };
+        let link = self.inner.link(&addr);
+        if !link.connected.load(Ordering::Relaxed) {
+            link.wake();
+            return false;
+        }
+        let frame = PeerFrame {
+            body: Some(Body::Raft(prost011::Message::encode_to_vec(msg))),
+        };
+        link.push(frame.encode_to_vec())
+    }
+
+    /// Sends a request to node `to` and waits for its answer.
+    pub fn call(&self, to: u64, kind: Kind, timeout: Duration) -> Result<Vec<u8>, String> {
+        let addr = self
+            .address(to)
+            .ok_or_else(|| format!("node {to} has no known address"))?;
+        self.call_addr(&addr, kind, timeout)
+    }
+
+    /// Sends a request to whoever listens at `addr`.
+    pub fn call_addr(&self, addr: &str, kind: Kind, timeout: Duration) -> Result<Vec<u8>, String> {
+        let link = self.inner.link(addr);
+        let id = self.inner.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        link.pending.lock().insert(id, tx);
+        let frame = PeerFrame {
+            body: Some(Body::Request(PeerRequest {
+                id,
+                kind: Some(kind),
+            })),
+        };
+        link.wake();
+        if !link.push(frame.encode_to_vec()) {
+            link.pending.lock().remove(&id);
+            return Err(format!("{addr}: too many requests queued"));
+        }
+        let answer = rx.recv_timeout(timeout);
+        link.pending.lock().remove(&id);
+        match answer {
+            Ok(r) if r.error.is_empty() => Ok(r.data),
+            Ok(r) => Err(r.error),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                Err(format!("{addr} did not answer within {timeout:?}"))
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err(format!(
+                "{addr} is unreachable: {}",
+                link.last_error.lock().clone().unwrap_or_default()
+            )),
+        }
+    }
+
+    /// Every peer link, by node id.
+    pub fn links(&self) -> HashMap<u64, LinkStatus> {
+        let addrs = self.inner.addrs.read().clone();
+        let links = self.inner.links.lock();
+        addrs
+            .into_iter()
+            .map(|(id, addr)| {
+                let link = links.get(&addr);
+                let status = LinkStatus {
+                    connected: link.is_some_and(|l| l.connected.load(Ordering::Relaxed)),
+                    last_error: link.and_then(|l| l.last_error.lock().clone()),
+                    addr,
+                };
+                (id, status)
+            })
+            .collect()
+    }
+}
+
+impl Inner {
+    fn link(self: &Arc<Self>, addr: &str) -> Arc<Link> {
+        let mut links = self.links.lock();
+        if let Some(l) = links.get(addr) {
+            return l.clone();
+        }
+        let (tx, rx) = crossbeam_channel::bounded(QUEUE_FRAMES);
+        let (wake_tx, wake_rx) = crossbeam_channel::bounded(1);
+        let link = Arc::new(Link {
+            addr: addr.to_string(),
+            queue: tx,
+            wake: wake_tx,
+            pending: Mutex::new(HashMap::new()),
+            connected: AtomicBool::new(false),
+            last_error: Mutex::new(None),
+        });
+        links.insert(addr.to_string(), link.clone());
+        let (inner, l) = (self.clone(), link.clone());
+        let _ = std::thread::Builder::new()
+            .name(format!("peer-out {addr}"))
+            .spawn(move || inner.dial_loop(&l, rx, wake_rx));
+        link
+    }
+
+    /// Keeps the link to one address connected and writes its frames.
+    fn dial_loop(
+        self: &Arc<Self>,
+        link: &Arc<Link>,
+        frames: Receiver<Vec<u8>>,
+        wake: Receiver<()>,
+    ) {
+        loop {
+            match self.dial(&link.addr) {
+                Ok((stream, peer)) => {
+                    *link.last_error.lock() = None;
+                    link.connected.store(true, Ordering::Relaxed);
+                    tracing::info!("connected to node {peer} at {}", link.addr);
+                    let why = self.serve_link(link, stream, &frames);
+                    link.connected.store(false, Ordering::Relaxed);
+                    tracing::warn!("lost node {peer} at {}: {why}", link.addr);
+                    *link.last_error.lock() = Some(why);
+                }
+                Err(why) => {
+                    let changed = link.last_error.lock().as_deref() != Some(why.as_str());
+                    if changed {
+                        tracing::warn!("cannot reach peer {}: {why}", link.addr);
+                    }
+                    *link.last_error.lock() = Some(why);
+                }
+            }
+            // Nothing queued for a dead link is worth sending later.
+            while frames.try_recv().is_ok() {}
+            link.pending.lock().clear();
+            let _ = wake.recv_timeout(RECONNECT_DELAY);
+            std::thread::sleep(RECONNECT_DELAY / 4);
+        }
+    }
+
+    fn dial(&self, addr: &str) -> Result<(TcpStream, u64), String> {
+        let sockaddr: SocketAddr = addr
+            .to_socket_addrs()
+            .map_err(|e| format!("bad address: {e}"))?
+            .next()
+            .ok_or("address resolves to nothing")?;
+        let stream = TcpStream::connect_timeout(&sockaddr, CONNECT_TIMEOUT)
+            .map_err(|e| format!("connect: {e}"))?;
+        stream.set_nodelay(true).ok();
+        stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).ok();
+        let mut r = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
+        let mut w = BufWriter::new(stream.try_clone().map_err(|e| e.to_string())?);
+        let Some(Body::Challenge(ch)) = read_frame(&mut r)?.body else {
+            return Err("peer did not start with a challenge".into());
+        };
+        let nonce = random_nonce();
+        let hello = self.hello(&ch.nonce, nonce.to_vec());
+        write_frame(
+            &mut w,
+            &PeerFrame {
+                body: Some(Body::Hello(hello)),
+            },
+        )?;
+        let Some(Body::Hello(theirs)) = read_frame(&mut r)?.body else {
+            return Err("the peer answered the handshake with something else".into());
+        };
+        if theirs.node_id == 0 {
+            return Err(REFUSED.into());
+        }
+        if !self.verify(&theirs, &nonce) {
+            return Err(
+                "the peer failed authentication: it is not a member of this cluster".into(),
+            );
+        }
+        stream.set_read_timeout(None).ok();
+        Ok((stream, theirs.node_id))
+    }
+
+    fn hello(&self, their_nonce: &[u8], my_nonce: Vec<u8>) -> Hello {
+        let mut hello = Hello {
+            cluster_id: self.config.cluster_id.clone(),
+            node_id: self.config.node_id,
+            addr: self.config.listen.clone(),
+            proof: vec![],
+            nonce: my_nonce,
+        };
+        hello.proof = self.proof(their_nonce, &hello).to_vec();
+        hello
+    }
+
+    fn proof(&self, nonce: &[u8], hello: &Hello) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_keyed(&self.key);
+        h.update(nonce);
+        h.update(&hello.node_id.to_be_bytes());
+        h.update(hello.cluster_id.as_bytes());
+        h.update(&[0]);
+        h.update(hello.addr.as_bytes());
+        *h.finalize().as_bytes()
+    }
+
+    fn verify(&self, hello: &Hello, my_nonce: &[u8]) -> bool {
+        hello.cluster_id == self.config.cluster_id
+            && hello.node_id != 0
+            && hello.proof.len() == 32
+            && constant_time_eq(&self.proof(my_nonce, hello), &hello.proof)
+    }
+
+    /// Writes queued frames until the connection fails; a reader thread
+    /// hands responses to their callers meanwhile.
+    fn serve_link(
+        &self,
+        link: &Arc<Link>,
+        stream: TcpStream,
+        frames: &Receiver<Vec<u8>>,
+    ) -> String {
+        let reader = match stream.try_clone() {
+            Ok(s) => s,
+            Err(e) => return e.to_string(),
+        };
+        let dead = Arc::new(AtomicBool::new(false));
+        let (l, d) = (link.clone(), dead.clone());
+        let _ = std::thread::Builder::new()
+            .name(format!("peer-in {}", link.addr))
+            .spawn(move || {
+                let mut r = BufReader::new(reader);
+                while let Ok(frame) = read_frame(&mut r) {
+                    if let Some(Body::Response(resp)) = frame.body {
+                        if let Some(tx) = l.pending.lock().remove(&resp.id) {
+                            let _ = tx.send(resp);
+                        }
+                    }
+                }
+                d.store(true, Ordering::Relaxed);
+            });
+        let mut w = BufWriter::new(stream);
+        let why = loop {
+            if dead.load(Ordering::Relaxed) {
+                break "connection closed by the peer".to_string();
+            }
+            match frames.recv_timeout(Duration::from_millis(100)) {
+                Ok(frame) => {
+                    let mut result = write_raw(&mut w, &frame);
+                    // Write everything already queued before one flush.
+                    while result.is_ok() {
+                        match frames.try_recv() {
+                            Ok(f) => result = write_raw(&mut w, &f),
+                            Err(_) => break,
+                        }
+                    }
+                    if let Err(e) = result.and_then(|_| w.flush().map_err(|e| e.to_string())) {
+                        break e;
+                    }
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break "stopped".into(),
+            }
+        };
+        let _ = w.get_ref().shutdown(Shutdown::Both);
+        why
+    }
+
+    fn accept(self: Arc<Self>, listener: TcpListener) {
+        for conn in listener.incoming() {
+            let Ok(stream) = conn else { continue };
+            let inner = self.clone();
+            let _ = std::thread::Builder::new()
+                .name("peer-conn".into())
+                .spawn(move || {
+                    let from = stream
+                        .peer_addr()
+                        .map(|a| a.to_string())
+                        .unwrap_or_default();
+                    match inner.serve_inbound(stream) {
+                        Ok(()) => {}
+                        Err(why) => tracing::debug!("connection from {from} ended: {why}"),
+                    }
+                });
+        }
+    }
+
+    fn serve_inbound(self: &Arc<Self>, stream: TcpStream) -> Result<(), String> {
+        let from = stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        stream.set_nodelay(true).ok();
+        stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).ok();
+        let mut r = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
+        let writer = Arc::new(Mutex::new(BufWriter::new(
+            stream.try_clone().map_err(|e| e.to_string())?,
+        )));
+        let nonce = random_nonce();
+        write_frame(
+            &mut *writer.lock(),
+            &PeerFrame {
+                body: Some(Body::Challenge(Challenge {
+                    nonce: nonce.to_vec(),
+                })),
+            },
+        )?;
+        let hello = match read_frame(&mut r) {
+            Ok(PeerFrame {
+                body: Some(Body::Hello(h)),
+            }) if self.verify(&h, &nonce) => h,
+            Ok(_) => {
+                tracing::warn!("refused a peer connection from {from}: it failed authentication (wrong cluster or join token)");
+                // An empty hello tells an honest but misconfigured node why.
+                let _ = write_frame(
+                    &mut *writer.lock(),
+                    &PeerFrame {
+                        body: Some(Body::Hello(Hello::default())),
+                    },
+                );
+                return Err("authentication failed".into());
+            }
+            Err(e) => {
+                tracing::warn!("refused a peer connection from {from}: {e}");
+                return Err(e);
+            }
+        };
+        let peer = hello.node_id;
+        write_frame(
+            &mut *writer.lock(),
+            &PeerFrame {
+                body: Some(Body::Hello(self.hello(&hello.nonce, vec![]))),
+            },
+        )?;
+        if !hello.addr.is_empty() && !self.addrs.read().contains_key(&peer) {
+            self.addrs.write().insert(peer, hello.addr.clone());
+        }
+        stream.set_read_timeout(Some(IDLE_TIMEOUT)).ok();
+        loop {
+            let frame = read_frame(&mut r)?;
+            let Some(handler) = self.handler.get() else {
+                continue; // still starting: the peer will retry
+            };
+            match frame.body {
+                Some(Body::Raft(bytes)) => {
+                    match <raft::eraftpb::Message as prost011::Message>::decode(&bytes[..]) {
+                        Ok(msg) => handler.raft_message(msg),
+                        Err(e) => return Err(format!("node {peer} sent a bad Raft message: {e}")),
+                    }
+                }
+                Some(Body::Request(req)) => {
+                    let (handler, writer) = (handler.clone(), writer.clone());
+                    let _ = std::thread::Builder::new()
+                        .name("peer-request".into())
+                        .spawn(move || {
+                            let resp = match req.kind {
+                                Some(kind) => match handler.request(peer, kind) {
+                                    Ok(data) => PeerResponse {
+                                        id: req.id,
+                                        error: String::new(),
+                                        data,
+                                    },
+                                    Err(error) => PeerResponse {
+                                        id: req.id,
+                                        error,
+                                        data: vec![],
+                                    },
+                                },
+                                None => PeerResponse {
+                                    id: req.id,
+                                    error: "unknown request (a newer wpfs?)".into(),
+                                    data: vec![],
+                                },
+                            };
+                            let _ = write_frame(
+                                &mut *writer.lock(),
+                                &PeerFrame {
+                                    body: Some(Body::Response(resp)),
+                                },
+                            );
+                        });
+                }
+                _ => return Err(format!("node {peer} sent an unexpected frame")),
+            }
+        }
+    }
+}
+
+struct Link {
+    addr: String,
+    queue: Sender<Vec<u8>>,
+    wake: Sender<()>,
+    pending: Mutex<HashMap<u64, Sender<PeerResponse>>>,
+    connected: AtomicBool,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Link {
+    fn push(&self, frame: Vec<u8>) -> bool {
+        match self.queue.try_send(frame) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => false,
+        }
+    }
+
+    /// Cuts the reconnect delay short: someone wants to talk to this peer.
+    fn wake(&self) {
+        let _ = self.wake.try_send(());
+    }
+}
+
+fn random_nonce() -> [u8; 32] {
+    let mut n = [0u8; 32];
+    rand::fill(&mut n);
+    n
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn write_frame(w: &mut impl Write, frame: &PeerFrame) -> Result<(), String> {
+    write_raw(w, &frame.encode_to_vec())?;
+    w.flush().map_err(|e| e.to_string())
+}
+
+fn write_raw(w: &mut impl Write, bytes: &[u8]) -> Result<(), String> {
+    w.write_all(&(bytes.len() as u32).to_be_bytes())
+        .and_then(|_| w.write_all(bytes))
+        .map_err(|e| e.to_string())
+}
+
+fn read_frame(r: &mut impl Read) -> Result<PeerFrame, String> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).map_err(|e| e.to_string())?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(format!(
+            "frame of {len} bytes is over the limit: not a wpfs peer"
+        ));
+    }
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf).map_err(|e| e.to_string())?;
+    PeerFrame::decode(&buf[..]).map_err(|e| format!("garbage instead of a frame: {e}"))
+}

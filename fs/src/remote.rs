@@ -1,0 +1,145 @@
+//! Changes made on other nodes, as this node applies them: the kernel's
+//! caches here must forget what they changed, and their new chunks must be
+//! fetched.
+//!
+//! The kernel keeps entries (names, also "this name does not exist"),
+//! attributes and pages of this mount for the cache TTL, and pages across
+//! opens. A command another node proposed changes the namespace under it,
+//! so for each one the kernel is told exactly which entries and inodes to
+//! drop (fuser's `Notifier`). Those notifications may block on a directory
+//! lock that a FUSE request holds, so they are sent from their own thread,
+//! never from the Raft driver or under a lock of ours.
+
+use std::sync::{Arc, OnceLock};
+
+use crossbeam_channel::Sender;
+use wpfs_consensus::namespace::{Hash, Namespace};
+use wpfs_consensus::ApplyObserver;
+use wpfs_proto::{Command, Op, Outcome};
+
+use crate::replication::Replicator;
+
+enum Invalidation {
+    Entry(u64, Vec<u8>),
+    Inode(u64),
+    /// A snapshot replaced everything: every inode this node knows.
+    All,
+}
+
+/// The `ApplyObserver` of a mounted node.
+pub struct RemoteChanges {
+    node_id: u64,
+    namespace: Namespace,
+    invalidations: Sender<Invalidation>,
+    notifier: Arc<OnceLock<fuser::Notifier>>,
+    replicator: Option<Arc<Replicator>>,
+}
+
+impl RemoteChanges {
+    pub fn new(
+        node_id: u64,
+        namespace: Namespace,
+        replicator: Option<Arc<Replicator>>,
+    ) -> Arc<RemoteChanges> {
+        let (tx, rx) = crossbeam_channel::unbounded::<Invalidation>();
+        let notifier: Arc<OnceLock<fuser::Notifier>> = Arc::new(OnceLock::new());
+        let (n, ns) = (notifier.clone(), namespace.clone());
+        std::thread::Builder::new()
+            .name("invalidate".into())
+            .spawn(move || {
+                while let Ok(inval) = rx.recv() {
+                    if let Some(notifier) = n.get() {
+                        send(notifier, &ns, inval);
+                    }
+                }
+            })
+            .expect("spawning a thread");
+        Arc::new(RemoteChanges {
+            node_id,
+            namespace,
+            invalidations: tx,
+            notifier,
+            replicator,
+        })
+    }
+
+    /// Starts telling the kernel, once the mount exists.
+    pub fn set_notifier(&self, notifier: fuser::Notifier) {
+        let _ = self.notifier.set(notifier);
+    }
+
+    fn entry(&self, parent: u64, name: &[u8]) {
+        let _ = self
+            .invalidations
+            .send(Invalidation::Entry(parent, name.to_vec()));
+        let _ = self.invalidations.send(Invalidation::Inode(parent));
+    }
+
+    fn inode(&self, ino: u64) {
+        let _ = self.invalidations.send(Invalidation::Inode(ino));
+    }
+}
+
+impl ApplyObserver for RemoteChanges {
+    fn applied(&self, cmd: &Command, outcome: &Outcome) {
+        if cmd.node_id == self.node_id || outcome.errno != 0 {
+            return; // the kernel saw this change go through it
+        }
+        match &cmd.op {
+            Some(Op::Create(c)) => self.entry(c.parent, &c.name),
+            Some(Op::Link(l)) => {
+                self.entry(l.new_parent, &l.new_name);
+                self.inode(l.ino);
+            }
+            Some(Op::Unlink(u)) => self.entry(u.parent, &u.name),
+            Some(Op::Rename(r)) => {
+                self.entry(r.parent, &r.name);
+                self.entry(r.new_parent, &r.new_name);
+            }
+            Some(Op::SetAttr(s)) => self.inode(s.ino),
+            Some(Op::SetXattr(x)) => self.inode(x.ino),
+            Some(Op::RemoveXattr(x)) => self.inode(x.ino),
+            Some(Op::SetContent(s)) => {
+                self.inode(s.ino);
+                if let Some(r) = &self.replicator {
+                    let hashes = s
+                        .chunks
+                        .iter()
+                        .filter_map(|c| Hash::try_from(&c.hash[..]).ok());
+                    r.want(hashes, cmd.node_id);
+                }
+            }
+            Some(Op::Reap(_)) | None => {}
+        }
+    }
+
+    fn snapshot_installed(&self) {
+        let _ = self.invalidations.send(Invalidation::All);
+        if let Some(r) = self.replicator.clone() {
+            let namespace = self.namespace.clone();
+            std::thread::spawn(move || r.scan(&namespace));
+        }
+    }
+}
+
+fn send(notifier: &fuser::Notifier, namespace: &Namespace, inval: Invalidation) {
+    let result = match inval {
+        Invalidation::Entry(parent, name) => notifier.inval_entry(
+            fuser::INodeNo(parent),
+            std::os::unix::ffi::OsStrExt::from_bytes(&name[..]),
+        ),
+        Invalidation::Inode(ino) => notifier.inval_inode(fuser::INodeNo(ino), 0, 0),
+        Invalidation::All => {
+            for ino in namespace.inode_numbers().unwrap_or_default() {
+                let _ = notifier.inval_inode(fuser::INodeNo(ino), 0, 0);
+            }
+            Ok(())
+        }
+    };
+    // ENOENT: the kernel did not have it cached, which is fine.
+    if let Err(e) = result {
+        if e.raw_os_error() != Some(libc::ENOENT) {
+            tracing::debug!("cache invalidation failed: {e}");
+        }
+    }
+}

@@ -1,0 +1,302 @@
+//! Several nodes, one tree: real `wpfs` daemons on 127.0.0.1, each with its
+//! own store and FUSE mount, joined with `wpfs join` as an operator would.
+//!
+//! What users rely on: a change closed on one node is seen, byte for byte,
+//! by every other node (also where the kernel had cached the old version
+//! or the name's absence); concurrent writers end with one whole version
+//! everywhere; nodes join, leave and are removed without losing anything;
+//! the whole cluster restarts with everything intact; a node with a wrong
+//! token is refused.
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use wpfs_tests::{fuse_available, s, tree, wait_until, wpfs, wpfs_ok, Cluster};
+
+const CONVERGE: Duration = Duration::from_secs(20);
+
+/// Waits until every node shows the same tree as node 1; returns it.
+fn converged(cluster: &Cluster, rel: &str) -> Vec<String> {
+    let want = tree(&cluster.node(1).path(rel));
+    for node in &cluster.nodes[1..] {
+        wait_until(CONVERGE, "every node to show node 1's tree", || {
+            tree(&node.path(rel)) == want
+        });
+    }
+    want
+}
+
+fn read_when_present(path: &Path) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    wait_until(
+        CONVERGE,
+        &format!("{} to appear", path.display()),
+        || match fs::read(path) {
+            Ok(b) => {
+                bytes = b;
+                true
+            }
+            Err(_) => false,
+        },
+    );
+    bytes
+}
+
+#[test]
+fn a_change_on_any_node_is_seen_on_every_node() {
+    if !fuse_available() {
+        return;
+    }
+    let cluster = Cluster::start(3);
+    // Each node writes; every other node reads the same bytes.
+    for (i, writer) in cluster.nodes.iter().enumerate() {
+        let data: Vec<u8> = (0..300_000u32).map(|x| (x * 7 + i as u32) as u8).collect();
+        fs::write(writer.path(&format!("from-{i}")), &data).unwrap();
+        for reader in &cluster.nodes {
+            assert_eq!(read_when_present(&reader.path(&format!("from-{i}"))), data);
+        }
+    }
+
+    // The kernel on node 2 caches the file's pages and a name's absence;
+    // a change on node 1 must still be seen there (cache TTL is 60 s).
+    let (a, b) = (cluster.node(1), cluster.node(2));
+    fs::write(a.path("cached"), b"old version").unwrap();
+    assert_eq!(read_when_present(&b.path("cached")), b"old version");
+    assert!(!b.path("appears-later").exists());
+    fs::write(a.path("cached"), b"the new, longer version").unwrap();
+    fs::write(a.path("appears-later"), b"here").unwrap();
+    wait_until(CONVERGE, "the rewrite to reach node 2", || {
+        fs::read(b.path("cached")).unwrap() == b"the new, longer version"
+    });
+    assert_eq!(read_when_present(&b.path("appears-later")), b"here");
+
+    // Renames, links, attributes and deletes replicate too.
+    fs::create_dir_all(a.path("d/e")).unwrap();
+    fs::write(a.path("d/e/f"), b"f").unwrap();
+    fs::rename(a.path("d/e"), a.path("d/g")).unwrap();
+    fs::hard_link(a.path("d/g/f"), a.path("d/link")).unwrap();
+    std::os::unix::fs::symlink("g/f", a.path("d/sym")).unwrap();
+    fs::set_permissions(
+        a.path("d/g/f"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    fs::remove_file(a.path("from-0")).unwrap();
+    converged(&cluster, "");
+    assert!(!cluster.node(3).path("from-0").exists());
+    assert!(!cluster.node(3).path("d/e").exists());
+    assert_eq!(fs::read(cluster.node(3).path("d/sym")).unwrap(), b"f");
+}
+
+#[test]
+fn a_wordpress_tree_copied_on_one_node_diffs_clean_on_the_others() {
+    if !fuse_available() {
+        return;
+    }
+    let source = Path::new("/usr/share/wordpress");
+    if !source.is_dir() {
+        eprintln!("SKIPPED: /usr/share/wordpress is missing (apt-get install wordpress)");
+        return;
+    }
+    let cluster = Cluster::start(3);
+    let out = Command::new("cp")
+        .args(["-a", s(source), s(&cluster.node(2).path("wp"))])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cp -a: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    converged(&cluster, "wp");
+    for node in &cluster.nodes {
+        let out = Command::new("diff")
+            .args(["-r", "--no-dereference", s(source), s(&node.path("wp"))])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "diff -r on {}: {}",
+            node.mnt.display(),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}
+
+#[test]
+fn concurrent_writers_on_all_nodes_converge() {
+    if !fuse_available() {
+        return;
+    }
+    let cluster = Cluster::start(3);
+    fs::create_dir(cluster.node(1).path("shared")).unwrap();
+    wait_until(CONVERGE, "the directory on node 3", || {
+        cluster.node(3).path("shared").is_dir()
+    });
+    std::thread::scope(|scope| {
+        for (n, node) in cluster.nodes.iter().enumerate() {
+            scope.spawn(move || {
+                // Creates in one directory from every node at once.
+                for i in 0..150 {
+                    fs::write(node.path(&format!("shared/n{n}-{i}")), format!("{n}:{i}")).unwrap();
+                }
+                // Rewrites of one file: each version is one letter, whole.
+                let letter = b"ABC"[n];
+                for round in 0..40 {
+                    let body = vec![letter; 100_000 + round * 1000];
+                    fs::write(node.path("contended"), &body).unwrap();
+                }
+                // A rename storm: every node moves its own files around.
+                for i in 0..100 {
+                    fs::rename(
+                        node.path(&format!("shared/n{n}-{i}")),
+                        node.path(&format!("shared/moved-n{n}-{i}")),
+                    )
+                    .unwrap();
+                }
+            });
+        }
+    });
+    let want = converged(&cluster, "");
+    let names = fs::read_dir(cluster.node(2).path("shared"))
+        .unwrap()
+        .count();
+    assert_eq!(names, 3 * 150, "every create from every node is there once");
+    assert_eq!(want.iter().filter(|l| l.contains("moved-")).count(), 300);
+    for node in &cluster.nodes {
+        let body = fs::read(node.path("contended")).unwrap();
+        assert!(!body.is_empty());
+        assert!(
+            body.iter().all(|b| *b == body[0]),
+            "{}: the contended file mixes versions",
+            node.mnt.display()
+        );
+    }
+}
+
+#[test]
+fn nodes_join_leave_and_are_removed_and_the_cluster_restarts_whole() {
+    if !fuse_available() {
+        return;
+    }
+    let mut cluster = Cluster::start(3);
+    let a = cluster.node(1);
+    fs::create_dir(a.path("uploads")).unwrap();
+    for i in 0..300 {
+        let body: Vec<u8> = (0..(i * 997 % 200_000)).map(|x| (x ^ i) as u8).collect();
+        fs::write(a.path(&format!("uploads/{i}.jpg")), body).unwrap();
+    }
+    let before = converged(&cluster, "");
+
+    // A fourth node joins the populated cluster and gets everything.
+    cluster.add(4);
+    cluster.wait_for_voters(4);
+    wait_until(CONVERGE, "node 4 to hold node 1's tree", || {
+        tree(&cluster.node(4).mnt) == before
+    });
+    wait_until(CONVERGE, "node 4's replication backlog to drain", || {
+        cluster.node(4).status()["replication_backlog_chunks"] == 0
+    });
+
+    // Node 3 dies; node 2 removes it; the others keep writing.
+    cluster.node(3).kill9();
+    let out = wpfs_ok(&[
+        "remove",
+        "--data",
+        s(&cluster.node(2).data),
+        "--node-id",
+        "3",
+    ]);
+    assert!(out.contains("node 3 removed"), "{out}");
+    cluster.wait_for_voters(3);
+    fs::write(cluster.node(4).path("after-remove"), b"x").unwrap();
+    assert_eq!(
+        read_when_present(&cluster.node(1).path("after-remove")),
+        b"x"
+    );
+    let status = cluster.node(1).status();
+    let ids: Vec<u64> = status["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_u64().unwrap())
+        .collect();
+    assert!(!ids.contains(&3), "members after remove: {ids:?}");
+
+    // Node 4 leaves cleanly: it unmounts, and may not come back as is.
+    let out = wpfs_ok(&["leave", "--data", s(&cluster.node(4).data)]);
+    assert!(out.contains("left"), "{out}");
+    wait_until(CONVERGE, "node 4 to unmount", || {
+        cluster.node(4).status()["running"] == false
+    });
+    let again = wpfs(&["mount", s(&cluster.node(4).data), s(&cluster.node(4).mnt)]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("left its cluster"));
+    cluster.wait_for_voters(2);
+
+    // The remaining two stop and start again: nothing is lost.
+    let want = tree(&cluster.node(1).mnt);
+    cluster.node(1).unmount();
+    cluster.node(2).unmount();
+    std::thread::scope(|scope| {
+        scope.spawn(|| cluster.node(1).mount());
+        scope.spawn(|| cluster.node(2).mount());
+    });
+    for id in [1, 2] {
+        assert_eq!(tree(&cluster.node(id).mnt), want, "node {id} after restart");
+    }
+    fs::write(cluster.node(2).path("after-restart"), b"y").unwrap();
+    assert_eq!(
+        read_when_present(&cluster.node(1).path("after-restart")),
+        b"y"
+    );
+}
+
+#[test]
+fn a_node_with_a_wrong_token_is_refused() {
+    if !fuse_available() {
+        return;
+    }
+    let cluster = Cluster::start(1);
+    let token = cluster.token();
+    let (cluster_id, rest) = token
+        .strip_prefix("wpfs1.")
+        .and_then(|t| t.split_once('.'))
+        .unwrap();
+    let addr = rest.split_once('.').unwrap().1;
+    let forged = format!("wpfs1.{cluster_id}.{}.{addr}", "ab".repeat(32));
+    let (stranger, result) = cluster.try_join(2, &forged);
+    let err = result.expect_err("a wrong secret must not join");
+    assert!(err.contains("refused"), "{err}");
+    assert_eq!(
+        stranger.status()["running"],
+        false,
+        "the refused daemon exits"
+    );
+    let log = fs::read_to_string(cluster.node(1).data.join("wpfs.log")).unwrap();
+    assert!(
+        log.contains("failed authentication"),
+        "node 1 logs the refusal"
+    );
+    assert_eq!(
+        cluster.node(1).status()["voters"].as_array().unwrap().len(),
+        1
+    );
+
+    // Garbage on the peer port neither crashes nor wedges the node.
+    use std::io::Write;
+    let listen = cluster.node(1).status()["listen"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut junk = std::net::TcpStream::connect(&listen).unwrap();
+    let _ = junk.write_all(&[0xff; 4096]);
+    drop(junk);
+    fs::write(cluster.node(1).path("still-works"), b"ok").unwrap();
+    assert_eq!(
+        fs::read(cluster.node(1).path("still-works")).unwrap(),
+        b"ok"
+    );
+}

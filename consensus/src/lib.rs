@@ -36,8 +36,13 @@ pub fn bootstrap(
     raft_log::RaftLog::bootstrap(&store, node_id).map_err(|e| e.to_string())?;
     let namespace = Namespace::new(store.clone());
     Namespace::bootstrap(&store, now_ns, uid, gid).map_err(|e| e.to_string())?;
+    let member = wpfs_proto::Member {
+        node_id,
+        addr: addr.to_string(),
+        witness: false,
+    };
     namespace
-        .apply_member(1, 1, node_id, Some(addr))
+        .apply_member(1, 1, node_id, Some(&member))
         .map_err(|e| e.to_string())?;
     store.sync().map_err(|e| e.to_string())
 }

@@ -23,13 +23,15 @@
 //! | `r` hash                     | reference count of a chunk          |
 //! | `g` hash                     | chunk whose count fell to zero      |
 //! | `o` ino                      | orphan: unlinked but still open     |
-//! | `m` node id                  | a member's peer address             |
+//! | `m` node id                  | `Member`: peer address, witness     |
 //! | `sapplied` / `snext_ino` / `sinodes` | counters                    |
 
 use std::collections::HashMap;
 
 use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch};
-use wpfs_proto::{ChunkRef, Command, DirEntry, FileKind, Inode, Message, Op, Outcome, Xattr};
+use wpfs_proto::{
+    ChunkRef, Command, DirEntry, FileKind, Inode, Member, Message, Op, Outcome, Xattr,
+};
 
 use crate::store::{be, read_be, Store, CF_META};
 
@@ -272,13 +274,26 @@ impl Namespace {
         self.scan_tag(b'o', |k| read_be(&k[1..]))
     }
 
-    /// Chunks whose reference count fell to zero and may be collected.
-    pub fn garbage_chunks(&self) -> Result<Vec<Hash>> {
-        self.scan_tag(b'g', |k| {
+    /// Chunks whose reference count fell to zero (or that arrived before
+    /// anything referenced them) and may be collected, each with the time
+    /// it was flagged (seconds since the epoch; 0 when unknown).
+    pub fn garbage_chunks(&self) -> Result<Vec<(Hash, u64)>> {
+        let cf = self.store.cf(CF_META);
+        let iter = self
+            .store
+            .db()
+            .iterator_cf(cf, IteratorMode::From(b"g", Direction::Forward));
+        let mut out = Vec::new();
+        for item in iter {
+            let (k, v) = item?;
+            if k[0] != b'g' {
+                break;
+            }
             let mut h = [0u8; 32];
             h.copy_from_slice(&k[1..33]);
-            h
-        })
+            out.push((h, if v.len() == 8 { read_be(&v) } else { 0 }));
+        }
+        Ok(out)
     }
 
     /// Forgets a garbage candidate once it has been collected or revived.
@@ -319,13 +334,19 @@ impl Namespace {
         Ok(())
     }
 
-    /// Records a membership change at log entry `index`: `addr` is where
-    /// node `id` listens, `None` when it left.
-    pub fn apply_member(&self, index: u64, term: u64, id: u64, addr: Option<&str>) -> Result<()> {
+    /// Records a membership change at log entry `index`: node `id` is
+    /// `member` now, or gone (`None`).
+    pub fn apply_member(
+        &self,
+        index: u64,
+        term: u64,
+        id: u64,
+        member: Option<&Member>,
+    ) -> Result<()> {
         let cf = self.store.cf(CF_META);
         let mut batch = WriteBatch::default();
-        match addr {
-            Some(a) => batch.put_cf(cf, member_key(id), a.as_bytes()),
+        match member {
+            Some(m) => batch.put_cf(cf, member_key(id), m.encode_to_vec()),
             None => batch.delete_cf(cf, member_key(id)),
         }
         batch.put_cf(cf, KEY_APPLIED, applied_value(index, term));
@@ -333,8 +354,8 @@ impl Namespace {
         Ok(())
     }
 
-    /// Every member's peer address, by node id.
-    pub fn members(&self) -> Result<Vec<(u64, String)>> {
+    /// Every member: id, peer address, whether it is a witness.
+    pub fn members(&self) -> Result<Vec<Member>> {
         let cf = self.store.cf(CF_META);
         let iter = self
             .store
@@ -346,7 +367,7 @@ impl Namespace {
             if k[0] != b'm' {
                 break;
             }
-            out.push((read_be(&k[1..]), String::from_utf8_lossy(&v).into_owned()));
+            out.push(decode(&k, &v)?);
         }
         Ok(out)
     }

@@ -179,8 +179,8 @@ impl Node {
         }
         let namespace = Namespace::new(store.clone());
         if let Some(t) = &transport {
-            for (id, addr) in namespace.members().map_err(|e| e.to_string())? {
-                t.set_address(id, Some(&addr));
+            for m in namespace.members().map_err(|e| e.to_string())? {
+                t.set_address(m.node_id, Some(&m.addr));
             }
         }
         let (applied, _) = namespace.applied().map_err(|e| e.to_string())?;
@@ -294,20 +294,15 @@ impl Node {
         *self.shared.observer.lock() = Some(observer);
     }
 
-    /// Adds node `id` (listening at `addr`) as a learner, or removes it
-    /// (`addr` unused), and waits until the change is applied here.
+    /// Adds `member` as a learner, or removes it (only its id matters),
+    /// and waits until the change is applied here.
     pub fn change_member(
         &self,
         change: ConfChangeType,
-        id: u64,
-        addr: &str,
+        member: Member,
         timeout: Duration,
     ) -> Result<(), ProposeError> {
         let (reply, rx) = crossbeam_channel::bounded(1);
-        let member = Member {
-            node_id: id,
-            addr: addr.to_string(),
-        };
         self.requests
             .send(Request::ChangeMember {
                 change,
@@ -618,8 +613,8 @@ impl Driver {
             started.elapsed()
         );
         if let Some(t) = &self.transport {
-            for (id, addr) in self.namespace.members().map_err(|e| e.to_string())? {
-                t.set_address(id, Some(&addr));
+            for m in self.namespace.members().map_err(|e| e.to_string())? {
+                t.set_address(m.node_id, Some(&m.addr));
             }
         }
         if let Some(o) = self.shared.observer.lock().clone() {
@@ -721,7 +716,7 @@ impl Driver {
                 t.set_address(cc.node_id, Some(&member.addr));
             }
             self.namespace
-                .apply_member(entry.index, entry.term, cc.node_id, Some(&member.addr))
+                .apply_member(entry.index, entry.term, cc.node_id, Some(&member))
         } else {
             self.namespace.apply_nothing(entry.index, entry.term)
         }

@@ -33,7 +33,13 @@ pub struct ChunkStore {
     store: Store,
     pins: Mutex<HashMap<Hash, u32>>,
     source: OnceLock<Arc<dyn ChunkSource>>,
+    /// Whether chunks fetched for a read are kept (not on a witness).
+    keep_fetched: std::sync::atomic::AtomicBool,
 }
+
+/// A chunk that arrived before anything referenced it here (a writer's
+/// copy, ahead of the command) is left alone this long by the collector.
+const ARRIVAL_GRACE_SECS: u64 = 300;
 
 /// Where missing chunks come from: the peers.
 pub trait ChunkSource: Send + Sync {
@@ -104,10 +110,14 @@ impl ChunkStore {
             store,
             pins: Mutex::new(HashMap::new()),
             source: OnceLock::new(),
+            keep_fetched: std::sync::atomic::AtomicBool::new(true),
         }
     }
 
-    pub fn set_source(&self, source: Arc<dyn ChunkSource>) {
+    /// Where missing chunks come from; `keep` stores what it brings.
+    pub fn set_source(&self, source: Arc<dyn ChunkSource>, keep: bool) {
+        self.keep_fetched
+            .store(keep, std::sync::atomic::Ordering::Relaxed);
         let _ = self.source.set(source);
     }
 
@@ -126,9 +136,12 @@ impl ChunkStore {
         if blake3::hash(data).as_bytes() != hash {
             return Ok(false);
         }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         let mut batch = WriteBatch::default();
         batch.put_cf(self.store.cf(CF_CHUNKS), hash, data);
-        batch.put_cf(self.store.cf(CF_META), garbage_key(hash), b"");
+        batch.put_cf(self.store.cf(CF_META), garbage_key(hash), now.to_be_bytes());
         self.store.db().write(batch)?;
         Ok(true)
     }
@@ -161,6 +174,9 @@ impl ChunkStore {
     fn fetch(&self, hash: &[u8]) -> Option<Vec<u8>> {
         let hash: &Hash = hash.try_into().ok()?;
         let data = self.source.get()?.fetch(hash)?;
+        if !self.keep_fetched.load(std::sync::atomic::Ordering::Relaxed) {
+            return Some(data); // verified by the caller
+        }
         match self.put_verified(hash, &data) {
             Ok(true) => Some(data),
             Ok(false) => {
@@ -178,7 +194,13 @@ impl ChunkStore {
     /// write holds; returns how many were deleted.
     pub fn collect(&self, namespace: &Namespace) -> Result<usize> {
         let mut deleted = 0;
-        for hash in namespace.garbage_chunks()? {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        for (hash, flagged) in namespace.garbage_chunks()? {
+            if flagged + ARRIVAL_GRACE_SECS > now {
+                continue;
+            }
             let pins = self.pins.lock();
             if pins.contains_key(&hash) {
                 continue;

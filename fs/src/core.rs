@@ -15,13 +15,14 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
-use wpfs_consensus::namespace::NAME_MAX;
+use wpfs_consensus::namespace::{Hash, NAME_MAX};
 use wpfs_consensus::{Namespace, Node, Store};
 use wpfs_proto::{self as proto, FileKind, Inode, Op, Outcome};
 
 use crate::chunks::ChunkStore;
 use crate::error::{err, Errno, Result};
 use crate::file::{read_range, Contents, FileState};
+use crate::replication::Replicator;
 
 /// POSIX ACLs would be stored but not enforced: refuse them instead.
 const ACL_XATTRS: [&[u8]; 2] = [b"system.posix_acl_access", b"system.posix_acl_default"];
@@ -98,6 +99,8 @@ struct OpenFile {
 
 pub struct FsCore {
     node: Arc<Node>,
+    /// Places copies of new chunks on peers before a commit (multi-node).
+    replicator: std::sync::OnceLock<Arc<Replicator>>,
     contents: Contents,
     open: Mutex<HashMap<u64, OpenFile>>,
     next_fh: AtomicU64,
@@ -128,6 +131,7 @@ impl FsCore {
         let chunks = Arc::new(ChunkStore::new(store));
         Arc::new(FsCore {
             node,
+            replicator: std::sync::OnceLock::new(),
             contents: Contents { namespace, chunks },
             open: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -145,6 +149,15 @@ impl FsCore {
 
     pub fn chunks(&self) -> &Arc<ChunkStore> {
         &self.contents.chunks
+    }
+
+    /// Connects the core to the peers: new chunks get their copies there,
+    /// missing ones come from there.
+    pub fn set_replicator(&self, replicator: Arc<Replicator>, keep_fetched: bool) {
+        self.contents
+            .chunks
+            .set_source(replicator.clone(), keep_fetched);
+        let _ = self.replicator.set(replicator);
     }
 
     fn propose(&self, op: Op, durable: bool) -> Result<Outcome> {
@@ -575,6 +588,14 @@ impl FsCore {
             return Ok(());
         }
         let update = state.update(&self.contents)?;
+        if let Some(r) = self.replicator.get() {
+            let new: Vec<Hash> = update
+                .chunks
+                .iter()
+                .filter_map(|c| Hash::try_from(&c.hash[..]).ok())
+                .collect();
+            r.place(&new);
+        }
         let outcome = self.propose(Op::SetContent(update), durable)?;
         let inode = outcome.inode.ok_or(Errno(libc::EIO))?;
         state.committed(&inode);

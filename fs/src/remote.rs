@@ -29,7 +29,6 @@ enum Invalidation {
 /// The `ApplyObserver` of a mounted node.
 pub struct RemoteChanges {
     node_id: u64,
-    namespace: Namespace,
     invalidations: Sender<Invalidation>,
     notifier: Arc<OnceLock<fuser::Notifier>>,
     replicator: Option<Arc<Replicator>>,
@@ -43,20 +42,19 @@ impl RemoteChanges {
     ) -> Arc<RemoteChanges> {
         let (tx, rx) = crossbeam_channel::unbounded::<Invalidation>();
         let notifier: Arc<OnceLock<fuser::Notifier>> = Arc::new(OnceLock::new());
-        let (n, ns) = (notifier.clone(), namespace.clone());
+        let n = notifier.clone();
         std::thread::Builder::new()
             .name("invalidate".into())
             .spawn(move || {
                 while let Ok(inval) = rx.recv() {
                     if let Some(notifier) = n.get() {
-                        send(notifier, &ns, inval);
+                        send(notifier, &namespace, inval);
                     }
                 }
             })
             .expect("spawning a thread");
         Arc::new(RemoteChanges {
             node_id,
-            namespace,
             invalidations: tx,
             notifier,
             replicator,
@@ -116,8 +114,7 @@ impl ApplyObserver for RemoteChanges {
     fn snapshot_installed(&self) {
         let _ = self.invalidations.send(Invalidation::All);
         if let Some(r) = self.replicator.clone() {
-            let namespace = self.namespace.clone();
-            std::thread::spawn(move || r.scan(&namespace));
+            std::thread::spawn(move || r.scan());
         }
     }
 }

@@ -10,6 +10,13 @@
 //!
 //! Reads do not wait for this: a read of a chunk not here yet fetches it
 //! on demand (`ChunkSource`).
+//!
+//! Copies: before a writer commits new contents, it pushes the new chunks
+//! to `copies - 1` other data nodes (`place`), so a close() that returned
+//! never depends on the writer's disk alone. When too few data nodes are
+//! reachable the commit goes ahead (a write must not hang on a dead peer)
+//! and the chunks are counted as under-replicated until a later push
+//! succeeds. A witness neither stores nor serves contents.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,12 +28,15 @@ use parking_lot::Mutex;
 use wpfs_consensus::namespace::{Hash, Namespace};
 use wpfs_consensus::Transport;
 use wpfs_proto::peer_request::Kind;
+use wpfs_proto::StoreChunks;
 
 use crate::chunks::{hex, ChunkSource, ChunkStore};
 
 /// Chunks fetched at once in the background.
 const WORKERS: usize = 4;
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Chunks pushed in one request (64 KiB each: 4 MiB).
+const PUSH_BATCH: usize = 64;
 
 /// One chunk this node lacks, and who probably has it (0: anyone).
 struct Want {
@@ -37,6 +47,13 @@ struct Want {
 pub struct Replicator {
     transport: Transport,
     chunks: Arc<ChunkStore>,
+    namespace: Namespace,
+    /// Nodes that must hold a chunk before its commit (this one included).
+    copies: usize,
+    /// This node is a witness: it fetches nothing in the background.
+    witness: bool,
+    /// Chunks written here that are on fewer than `copies` nodes.
+    under_replicated: Mutex<HashSet<Hash>>,
     queue: Sender<Want>,
     /// Chunks wanted and not stored yet: the replication backlog.
     backlog: Mutex<HashSet<Hash>>,
@@ -52,14 +69,30 @@ pub struct ReplicationStatus {
     pub backlog_chunks: u64,
     pub fetched_chunks: u64,
     pub fetched_bytes: u64,
+    pub under_replicated_chunks: u64,
+}
+
+/// How a node replicates contents.
+pub struct ReplicationConfig {
+    pub copies: usize,
+    pub witness: bool,
 }
 
 impl Replicator {
-    pub fn start(transport: Transport, chunks: Arc<ChunkStore>) -> Arc<Replicator> {
+    pub fn start(
+        transport: Transport,
+        chunks: Arc<ChunkStore>,
+        namespace: Namespace,
+        config: ReplicationConfig,
+    ) -> Arc<Replicator> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let r = Arc::new(Replicator {
             transport,
             chunks,
+            namespace,
+            copies: config.copies.max(1),
+            witness: config.witness,
+            under_replicated: Mutex::new(HashSet::new()),
             queue: tx,
             backlog: Mutex::new(HashSet::new()),
             failed: Mutex::new(Vec::new()),
@@ -82,6 +115,9 @@ impl Replicator {
 
     /// Queues the chunks of `hashes` that are not here, naming their writer.
     pub fn want(&self, hashes: impl IntoIterator<Item = Hash>, from: u64) {
+        if self.witness {
+            return;
+        }
         for hash in hashes {
             if self.chunks.contains(&hash).unwrap_or(false) {
                 continue;
@@ -93,18 +129,100 @@ impl Replicator {
     }
 
     /// Queues every referenced chunk that is missing here.
-    pub fn scan(&self, namespace: &Namespace) {
-        match namespace.referenced_chunks() {
+    pub fn scan(&self) {
+        match self.namespace.referenced_chunks() {
             Ok(all) => self.want(all, 0),
             Err(e) => tracing::warn!("cannot list referenced chunks: {e}"),
         }
     }
 
-    /// Queues the failed wants again (called every few seconds).
+    /// Queues the failed wants again and pushes under-replicated chunks
+    /// (called every few seconds).
     pub fn retry(&self) {
         for want in std::mem::take(&mut *self.failed.lock()) {
             let _ = self.queue.send(want);
         }
+        let pending: Vec<Hash> = self.under_replicated.lock().iter().copied().collect();
+        if !pending.is_empty() {
+            // Chunks collected meanwhile (overwritten files) need no copies.
+            let live: Vec<Hash> = pending
+                .iter()
+                .copied()
+                .filter(|h| self.chunks.contains(h).unwrap_or(false))
+                .collect();
+            self.under_replicated.lock().retain(|h| live.contains(h));
+            self.place(&live);
+        }
+    }
+
+    /// Pushes chunks written here to `copies - 1` other data nodes; what
+    /// cannot be placed now is remembered and retried.
+    pub fn place(&self, hashes: &[Hash]) {
+        if self.copies <= 1 || hashes.is_empty() {
+            return;
+        }
+        // A cluster with fewer data nodes than `copies` keeps one per node.
+        let members = self.data_members().len();
+        let wanted = self.copies.min(members + 1);
+        let mut placed = 0;
+        for peer in self.data_peers(0) {
+            if placed + 1 >= wanted {
+                break;
+            }
+            match self.push(peer, hashes) {
+                Ok(()) => placed += 1,
+                Err(e) => tracing::debug!("pushing chunks to node {peer}: {e}"),
+            }
+        }
+        let mut under = self.under_replicated.lock();
+        if placed + 1 >= wanted {
+            for h in hashes {
+                under.remove(h);
+            }
+        } else {
+            under.extend(hashes.iter().copied());
+        }
+    }
+
+    fn push(&self, peer: u64, hashes: &[Hash]) -> Result<(), String> {
+        for batch in hashes.chunks(PUSH_BATCH) {
+            let chunks = batch
+                .iter()
+                .map(|h| self.chunks.get(h, None).map_err(|e| format!("{e:?}")))
+                .collect::<Result<Vec<_>, _>>()?;
+            self.transport.call(
+                peer,
+                Kind::StoreChunks(StoreChunks { chunks }),
+                FETCH_TIMEOUT,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The other members that store contents.
+    fn data_members(&self) -> Vec<u64> {
+        let me = self.transport.node_id();
+        self.namespace
+            .members()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|m| !m.witness && m.node_id != me)
+            .map(|m| m.node_id)
+            .collect()
+    }
+
+    /// Connected members that store contents, `first` (if one) first.
+    fn data_peers(&self, first: u64) -> Vec<u64> {
+        let links = self.transport.links();
+        let mut peers: Vec<u64> = self
+            .data_members()
+            .into_iter()
+            .filter(|id| links.get(id).is_some_and(|l| l.connected))
+            .collect();
+        if let Some(pos) = peers.iter().position(|id| *id == first) {
+            peers.swap(0, pos);
+        }
+        peers
     }
 
     pub fn status(&self) -> ReplicationStatus {
@@ -112,6 +230,7 @@ impl Replicator {
             backlog_chunks: self.backlog.lock().len() as u64,
             fetched_chunks: self.fetched_chunks.load(Ordering::Relaxed),
             fetched_bytes: self.fetched_bytes.load(Ordering::Relaxed),
+            under_replicated_chunks: self.under_replicated.lock().len() as u64,
         }
     }
 
@@ -147,19 +266,9 @@ impl Replicator {
         }
     }
 
-    /// Asks `first` (if known), then every other connected peer.
+    /// Asks `first` (if it is a connected data node), then the others.
     fn fetch_from(&self, hash: &Hash, first: u64) -> Option<Vec<u8>> {
-        let me = self.transport.node_id();
-        let links = self.transport.links();
-        let mut order: Vec<u64> = links
-            .iter()
-            .filter(|(id, l)| **id != me && **id != first && l.connected)
-            .map(|(id, _)| *id)
-            .collect();
-        if first != 0 && first != me && links.contains_key(&first) {
-            order.insert(0, first);
-        }
-        order.into_iter().find_map(|peer| {
+        self.data_peers(first).into_iter().find_map(|peer| {
             self.transport
                 .call(peer, Kind::FetchChunk(hash.to_vec()), FETCH_TIMEOUT)
                 .ok()

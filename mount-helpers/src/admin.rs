@@ -59,6 +59,15 @@ impl AdminState {
         let raft = self.core.node().status();
         let links = self.transport.links();
         let me = self.config.node_id;
+        let witnesses: Vec<u64> = self
+            .core
+            .namespace()
+            .members()
+            .unwrap_or_default()
+            .iter()
+            .filter(|m| m.witness)
+            .map(|m| m.node_id)
+            .collect();
         let roles = raft
             .voters
             .iter()
@@ -72,6 +81,7 @@ impl AdminState {
                     "id": id,
                     "address": if id == me { Some(self.config.listen.clone()) } else { link.map(|l| l.addr.clone()) },
                     "role": if id == raft.leader { "leader" } else { role },
+                    "witness": witnesses.contains(&id),
                     "reachable": id == me || link.is_some_and(|l| l.connected),
                     "match_index": progress.map(|p| p.matched),
                     "replication": progress.map(|p| p.state.clone()),
@@ -105,6 +115,8 @@ impl AdminState {
             "replication_backlog_chunks": replication.backlog_chunks,
             "replicated_chunks": replication.fetched_chunks,
             "replicated_bytes": replication.fetched_bytes,
+            "under_replicated_chunks": replication.under_replicated_chunks,
+            "witness": self.config.witness,
             "snapshot_received": {
                 "index": snapshot.index.load(Ordering::Relaxed),
                 "bytes": snapshot.received.load(Ordering::Relaxed),
@@ -133,6 +145,7 @@ impl AdminState {
              # TYPE wpfs_inodes gauge\nwpfs_inodes {}\n\
              # TYPE wpfs_replication_backlog_chunks gauge\nwpfs_replication_backlog_chunks {}\n\
              # TYPE wpfs_replicated_bytes_total counter\nwpfs_replicated_bytes_total {}\n\
+             # TYPE wpfs_under_replicated_chunks gauge\nwpfs_under_replicated_chunks {}\n\
              # TYPE wpfs_peers_reachable gauge\nwpfs_peers_reachable {}\n",
             raft.term,
             (raft.role == "leader") as u8,
@@ -142,6 +155,7 @@ impl AdminState {
             self.core.namespace().inode_count().unwrap_or(0),
             self.replicator.status().backlog_chunks,
             self.replicator.status().fetched_bytes,
+            self.replicator.status().under_replicated_chunks,
             self.transport
                 .links()
                 .values()

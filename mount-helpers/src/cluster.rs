@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use raft::eraftpb::{Message as RaftMessage, MessageType};
 use wpfs_consensus::snapshot;
-use wpfs_consensus::store::CF_CHUNKS;
 use wpfs_consensus::transport::{self, Handler};
 use wpfs_consensus::{ConfChangeType, Namespace, Node, Store, Transport};
+use wpfs_fs::chunks::ChunkStore;
 use wpfs_proto::peer_request::Kind;
 use wpfs_proto::{Member, Message, SnapshotPiece, SnapshotRef};
 
@@ -43,15 +43,25 @@ pub struct SnapshotProgress {
 pub struct PeerService {
     pub node: Arc<Node>,
     pub store: Store,
+    /// This node's chunks, as peers fetch and push them.
+    chunks: ChunkStore,
+    witness: bool,
     pub transport: Transport,
     pub snapshot: Arc<SnapshotProgress>,
     receiving: Mutex<Option<u64>>,
 }
 
 impl PeerService {
-    pub fn new(node: Arc<Node>, store: Store, transport: Transport) -> Arc<PeerService> {
+    pub fn new(
+        node: Arc<Node>,
+        store: Store,
+        transport: Transport,
+        witness: bool,
+    ) -> Arc<PeerService> {
         Arc::new(PeerService {
             node,
+            chunks: ChunkStore::new(store.clone()),
+            witness,
             store,
             transport,
             snapshot: Arc::new(SnapshotProgress::default()),
@@ -150,12 +160,22 @@ impl Handler for PeerHandler {
     fn request(&self, from: u64, kind: Kind) -> Result<Vec<u8>, String> {
         let s = &self.0;
         match kind {
-            Kind::FetchChunk(hash) => s
-                .store
-                .db()
-                .get_cf(s.store.cf(CF_CHUNKS), &hash)
-                .map_err(|e| e.to_string())?
-                .ok_or_else(|| "chunk not here".to_string()),
+            Kind::FetchChunk(hash) => {
+                // Verified on the way out too: never serve a corrupt copy.
+                s.chunks
+                    .get(&hash, None)
+                    .map_err(|_| "chunk not here".to_string())
+            }
+            Kind::StoreChunks(batch) if !s.witness => {
+                for data in batch.chunks {
+                    let hash = *blake3::hash(&data).as_bytes();
+                    s.chunks
+                        .put_verified(&hash, &data)
+                        .map_err(|e| format!("{e:?}"))?;
+                }
+                Ok(vec![])
+            }
+            Kind::StoreChunks(_) => Err("a witness stores no file contents".into()),
             Kind::SnapshotPiece(p) => {
                 snapshot::read_piece(&s.store, p.index, p.offset).map_err(|e| e.to_string())
             }
@@ -168,19 +188,14 @@ impl Handler for PeerHandler {
                 }
                 tracing::info!("node {} at {} asks to join", member.node_id, member.addr);
                 s.node
-                    .change_member(
-                        ConfChangeType::AddLearnerNode,
-                        member.node_id,
-                        &member.addr,
-                        MEMBER_TIMEOUT,
-                    )
+                    .change_member(ConfChangeType::AddLearnerNode, member, MEMBER_TIMEOUT)
                     .map(|_| vec![])
                     .map_err(|e| e.to_string())
             }
             Kind::Remove(id) => {
                 tracing::info!("node {from} asks to remove node {id}");
                 s.node
-                    .change_member(ConfChangeType::RemoveNode, id, "", MEMBER_TIMEOUT)
+                    .change_member(ConfChangeType::RemoveNode, gone(id), MEMBER_TIMEOUT)
                     .map(|_| vec![])
                     .map_err(|e| e.to_string())
             }
@@ -188,23 +203,26 @@ impl Handler for PeerHandler {
     }
 }
 
+fn gone(id: u64) -> Member {
+    Member {
+        node_id: id,
+        ..Default::default()
+    }
+}
+
 /// First mount of a joined node: asks `peer` to add this node, then waits
 /// for the snapshot that fills the empty store, telling `progress` how far.
 pub fn join(
     service: &PeerService,
-    node_id: u64,
-    listen: &str,
+    member: Member,
     peer: &str,
     progress: &mut dyn FnMut(String),
 ) -> Result<(), String> {
     let namespace = Namespace::new(service.store.clone());
     let started = Instant::now();
-    let member = Member {
-        node_id,
-        addr: listen.to_string(),
-    };
     progress(format!(
-        "asking {peer} to add node {node_id} to the cluster"
+        "asking {peer} to add node {} to the cluster",
+        member.node_id
     ));
     loop {
         match service
@@ -272,7 +290,7 @@ pub fn remove(node: &Node, transport: &Transport, id: u64) -> Result<(), String>
     }
     if status.leader == node.id() {
         return node
-            .change_member(ConfChangeType::RemoveNode, id, "", MEMBER_TIMEOUT)
+            .change_member(ConfChangeType::RemoveNode, gone(id), MEMBER_TIMEOUT)
             .map_err(|e| e.to_string());
     }
     transport

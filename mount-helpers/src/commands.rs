@@ -34,7 +34,14 @@ pub fn init(dir: &Path, node_id: u64, listen: &str, admin: Option<&str>) -> Resu
 }
 
 /// `wpfs join`: records which cluster this node will join on first mount.
-pub fn join(dir: &Path, node_id: u64, listen: &str, peer: &str, token: &str) -> Result<(), String> {
+pub fn join(
+    dir: &Path,
+    node_id: u64,
+    listen: &str,
+    peer: &str,
+    token: &str,
+    witness: bool,
+) -> Result<(), String> {
     check_node_id(node_id)?;
     check_addr(listen, "--listen")?;
     check_addr(peer, "--peer")?;
@@ -51,6 +58,7 @@ pub fn join(dir: &Path, node_id: u64, listen: &str, peer: &str, token: &str) -> 
     config.cluster_id = cluster_id.to_string();
     config.secret = secret.to_string();
     config.peer = Some(peer.to_string());
+    config.witness = witness;
     config.create(dir)
 }
 
@@ -84,10 +92,11 @@ pub fn status(dir: &Path) -> Result<Value, String> {
         "last_log_index": log.last_index_now(),
         "voters": log.conf_state().voters,
         "learners": log.conf_state().learners,
-        "members": namespace.members().unwrap_or_default().iter().map(|(id, addr)| json!({
-            "id": id,
-            "address": addr,
-            "role": if log.conf_state().voters.contains(id) { "voter" } else { "learner" },
+        "members": namespace.members().unwrap_or_default().iter().map(|m| json!({
+            "id": m.node_id,
+            "address": m.addr,
+            "witness": m.witness,
+            "role": if log.conf_state().voters.contains(&m.node_id) { "voter" } else { "learner" },
             "reachable": null,
             "match_index": null,
         })).collect::<Vec<_>>(),

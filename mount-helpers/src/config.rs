@@ -26,6 +26,9 @@ pub struct NodeConfig {
     pub secret: String,
     /// Where a joining node finds the cluster (empty for the first node).
     pub peer: Option<String>,
+    /// A voter that stores no file contents (the third vote of a two-web-node site).
+    #[serde(default)]
+    pub witness: bool,
 }
 
 impl NodeConfig {
@@ -38,6 +41,7 @@ impl NodeConfig {
             admin,
             secret: random_hex(32),
             peer: None,
+            witness: false,
         }
     }
 

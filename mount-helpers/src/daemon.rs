@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use wpfs_consensus::{Namespace, Node, Store, StoreError, Transport, TransportConfig};
 use wpfs_fs::remote::RemoteChanges;
-use wpfs_fs::replication::Replicator;
+use wpfs_fs::replication::{ReplicationConfig, Replicator};
 use wpfs_fs::{CoreOptions, FsCore, MountOptions};
 
 use crate::admin::{self, AdminState};
@@ -265,7 +265,12 @@ fn run(req: &MountRequest, config: &NodeConfig, reporter: &mut Reporter) -> Resu
         )
         .map_err(|e| format!("cannot start Raft: {e}"))?,
     );
-    let service = PeerService::new(node.clone(), store.clone(), transport.clone());
+    let service = PeerService::new(
+        node.clone(),
+        store.clone(),
+        transport.clone(),
+        config.witness,
+    );
     transport.set_handler(Arc::new(PeerHandler(service.clone())));
     let namespace = Namespace::new(store.clone());
     if namespace.applied().map_err(|e| e.to_string())?.0 == 0 {
@@ -275,13 +280,12 @@ fn run(req: &MountRequest, config: &NodeConfig, reporter: &mut Reporter) -> Resu
                 db.display()
             ));
         };
-        cluster::join(
-            &service,
-            config.node_id,
-            &config.listen,
-            peer,
-            &mut |line| reporter.progress(&line),
-        )?;
+        let me = wpfs_proto::Member {
+            node_id: config.node_id,
+            addr: config.listen.clone(),
+            witness: config.witness,
+        };
+        cluster::join(&service, me, peer, &mut |line| reporter.progress(&line))?;
     }
     if !node.wait_for_leader(req.options.write_timeout) {
         tracing::warn!(
@@ -297,13 +301,21 @@ fn run(req: &MountRequest, config: &NodeConfig, reporter: &mut Reporter) -> Resu
             data_dir: req.dir.clone(),
         },
     );
-    let replicator = Replicator::start(transport.clone(), core.chunks().clone());
-    core.chunks().set_source(replicator.clone());
-    let remote = RemoteChanges::new(config.node_id, namespace.clone(), Some(replicator.clone()));
+    let replicator = Replicator::start(
+        transport.clone(),
+        core.chunks().clone(),
+        namespace.clone(),
+        ReplicationConfig {
+            copies: req.options.copies,
+            witness: config.witness,
+        },
+    );
+    core.set_replicator(replicator.clone(), !config.witness);
+    let remote = RemoteChanges::new(config.node_id, namespace, Some(replicator.clone()));
     node.set_observer(remote.clone());
     {
-        let (r, ns) = (replicator.clone(), namespace);
-        std::thread::spawn(move || r.scan(&ns));
+        let r = replicator.clone();
+        std::thread::spawn(move || r.scan());
     }
     if !req.options.read_only {
         match core.reap_orphans() {

@@ -15,6 +15,8 @@ pub struct Options {
     /// How long a write waits for Raft before failing.
     pub write_timeout: Duration,
     pub threads: usize,
+    /// Nodes that hold new contents before close() returns (where reachable).
+    pub copies: usize,
 }
 
 impl Default for Options {
@@ -25,6 +27,7 @@ impl Default for Options {
             cache_ttl: Duration::from_secs(60),
             write_timeout: Duration::from_secs(5),
             threads: 8,
+            copies: 2,
         }
     }
 }
@@ -84,12 +87,13 @@ pub fn parse(list: &[String]) -> Result<Options, String> {
             "allow_other" | "allow_root" => opts.allow_other = true,
             "cache_ttl" => opts.cache_ttl = Duration::from_secs(number("seconds")?),
             "write_timeout" => opts.write_timeout = Duration::from_secs(number("seconds")?.max(1)),
+            "copies" => opts.copies = number("nodes")?.clamp(1, 20) as usize,
             "threads" => opts.threads = number("threads")?.clamp(1, 64) as usize,
             k if IGNORED.contains(&k) || k.starts_with("x-") || k.starts_with("comment=") => {}
             _ => {
                 return Err(format!(
                     "unknown mount option `{item}` (wpfs knows ro, rw, allow_other, cache_ttl=S, \
-                     write_timeout=S, threads=N and ignores mount(8)'s generic ones)"
+                     write_timeout=S, threads=N, copies=N and ignores mount(8)'s generic ones)"
                 ))
             }
         }

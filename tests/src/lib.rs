@@ -215,9 +215,18 @@ impl Cluster {
 
     /// `wpfs join` + first `wpfs mount` of node `id` through node 1.
     pub fn add(&mut self, id: u64) -> &Node {
+        self.add_with(id, &[])
+    }
+
+    /// Like `add`, for a witness: a voter that stores no file contents.
+    pub fn add_witness(&mut self, id: u64) -> &Node {
+        self.add_with(id, &["--witness"])
+    }
+
+    fn add_with(&mut self, id: u64, flags: &[&str]) -> &Node {
         let node = Node::unmounted();
         let token = self.token.clone();
-        node.join(id, &self.first_listen, &token)
+        node.join(id, &self.first_listen, &token, flags)
             .expect("wpfs join + mount");
         self.nodes.push(node);
         self.nodes.last().unwrap()
@@ -227,7 +236,7 @@ impl Cluster {
     /// error when it fails.
     pub fn try_join(&self, id: u64, token: &str) -> (Node, Result<(), String>) {
         let node = Node::unmounted();
-        let result = node.join(id, &self.first_listen, token);
+        let result = node.join(id, &self.first_listen, token, &[]);
         (node, result)
     }
 
@@ -251,10 +260,10 @@ impl Cluster {
 }
 
 impl Node {
-    fn join(&self, id: u64, peer: &str, token: &str) -> Result<(), String> {
+    fn join(&self, id: u64, peer: &str, token: &str, flags: &[&str]) -> Result<(), String> {
         let listen = format!("127.0.0.1:{}", port());
         let id = id.to_string();
-        wpfs_ok(&[
+        let mut args = vec![
             "join",
             "--data",
             s(&self.data),
@@ -266,7 +275,9 @@ impl Node {
             peer,
             "--token",
             token,
-        ]);
+        ];
+        args.extend(flags);
+        wpfs_ok(&args);
         let out = wpfs(&["mount", s(&self.data), s(&self.mnt)]);
         if out.status.success() {
             Ok(())

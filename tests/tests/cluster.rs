@@ -28,20 +28,27 @@ fn converged(cluster: &Cluster, rel: &str) -> Vec<String> {
     want
 }
 
-fn read_when_present(path: &Path) -> Vec<u8> {
-    let mut bytes = Vec::new();
+/// Waits until `path` reads as `want`. Before that it may be missing or
+/// empty (the create is applied before the writer's close commits the
+/// bytes), never anything else: a reader sees whole versions only.
+fn wait_for_bytes(path: &Path, want: &[u8]) {
     wait_until(
         CONVERGE,
-        &format!("{} to appear", path.display()),
+        &format!("{} to read as written", path.display()),
         || match fs::read(path) {
+            Ok(b) if b == want => true,
             Ok(b) => {
-                bytes = b;
-                true
+                assert!(
+                    b.is_empty(),
+                    "{}: a partial version ({} bytes)",
+                    path.display(),
+                    b.len()
+                );
+                false
             }
             Err(_) => false,
         },
     );
-    bytes
 }
 
 #[test]
@@ -55,7 +62,7 @@ fn a_change_on_any_node_is_seen_on_every_node() {
         let data: Vec<u8> = (0..300_000u32).map(|x| (x * 7 + i as u32) as u8).collect();
         fs::write(writer.path(&format!("from-{i}")), &data).unwrap();
         for reader in &cluster.nodes {
-            assert_eq!(read_when_present(&reader.path(&format!("from-{i}"))), data);
+            wait_for_bytes(&reader.path(&format!("from-{i}")), &data);
         }
     }
 
@@ -63,14 +70,14 @@ fn a_change_on_any_node_is_seen_on_every_node() {
     // a change on node 1 must still be seen there (cache TTL is 60 s).
     let (a, b) = (cluster.node(1), cluster.node(2));
     fs::write(a.path("cached"), b"old version").unwrap();
-    assert_eq!(read_when_present(&b.path("cached")), b"old version");
+    wait_for_bytes(&b.path("cached"), b"old version");
     assert!(!b.path("appears-later").exists());
     fs::write(a.path("cached"), b"the new, longer version").unwrap();
     fs::write(a.path("appears-later"), b"here").unwrap();
     wait_until(CONVERGE, "the rewrite to reach node 2", || {
         fs::read(b.path("cached")).unwrap() == b"the new, longer version"
     });
-    assert_eq!(read_when_present(&b.path("appears-later")), b"here");
+    wait_for_bytes(&b.path("appears-later"), b"here");
 
     // Renames, links, attributes and deletes replicate too.
     fs::create_dir_all(a.path("d/e")).unwrap();
@@ -212,10 +219,7 @@ fn nodes_join_leave_and_are_removed_and_the_cluster_restarts_whole() {
     assert!(out.contains("node 3 removed"), "{out}");
     cluster.wait_for_voters(3);
     fs::write(cluster.node(4).path("after-remove"), b"x").unwrap();
-    assert_eq!(
-        read_when_present(&cluster.node(1).path("after-remove")),
-        b"x"
-    );
+    wait_for_bytes(&cluster.node(1).path("after-remove"), b"x");
     let status = cluster.node(1).status();
     let ids: Vec<u64> = status["members"]
         .as_array()
@@ -248,10 +252,7 @@ fn nodes_join_leave_and_are_removed_and_the_cluster_restarts_whole() {
         assert_eq!(tree(&cluster.node(id).mnt), want, "node {id} after restart");
     }
     fs::write(cluster.node(2).path("after-restart"), b"y").unwrap();
-    assert_eq!(
-        read_when_present(&cluster.node(1).path("after-restart")),
-        b"y"
-    );
+    wait_for_bytes(&cluster.node(1).path("after-restart"), b"y");
 }
 
 #[test]
@@ -298,5 +299,100 @@ fn a_node_with_a_wrong_token_is_refused() {
     assert_eq!(
         fs::read(cluster.node(1).path("still-works")).unwrap(),
         b"ok"
+    );
+}
+
+#[test]
+fn a_closed_file_survives_its_writer_dying_at_once() {
+    if !fuse_available() {
+        return;
+    }
+    let cluster = Cluster::start(3);
+    let data: Vec<u8> = (0..3_000_000u32)
+        .map(|x| (x.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    fs::write(cluster.node(1).path("upload.bin"), &data).unwrap();
+    // close() returned: the contents are on a second node already, so the
+    // writer may die before any background replication ran.
+    cluster.node(1).kill9();
+    for id in [2, 3] {
+        wait_for_bytes(&cluster.node(id).path("upload.bin"), &data);
+    }
+    assert_eq!(cluster.node(2).status()["under_replicated_chunks"], 0);
+}
+
+#[test]
+fn two_web_nodes_and_a_witness_survive_losing_a_web_node() {
+    if !fuse_available() {
+        return;
+    }
+    let mut cluster = Cluster::start(2);
+    cluster.add_witness(3);
+    cluster.wait_for_voters(3);
+    for i in 0..20 {
+        fs::write(
+            cluster.node(1).path(&format!("f{i}")),
+            vec![i as u8; 200_000],
+        )
+        .unwrap();
+    }
+    for i in 0..20 {
+        wait_for_bytes(&cluster.node(2).path(&format!("f{i}")), &[i as u8; 200_000]);
+    }
+    let witness = cluster.node(3).status();
+    assert_eq!(witness["witness"], true);
+    assert_eq!(
+        witness["replicated_chunks"], 0,
+        "a witness fetches no contents"
+    );
+    assert_eq!(witness["chunks"], 0, "a witness stores no contents");
+
+    // One web node dies: the other and the witness are a majority.
+    cluster.node(2).kill9();
+    fs::write(cluster.node(1).path("after"), b"still writable").unwrap();
+    assert_eq!(
+        fs::read(cluster.node(1).path("after")).unwrap(),
+        b"still writable"
+    );
+    assert_eq!(
+        fs::read(cluster.node(1).path("f7")).unwrap(),
+        vec![7u8; 200_000]
+    );
+}
+
+#[test]
+fn a_node_that_missed_many_changes_catches_up_from_a_snapshot() {
+    if !fuse_available() {
+        return;
+    }
+    let cluster = Cluster::start(3);
+    let a = cluster.node(1);
+    fs::write(a.path("f"), b"x").unwrap();
+    converged(&cluster, "");
+    cluster.node(3).unmount();
+    // More log entries than the leader keeps: node 3 cannot catch up from
+    // the log any more.
+    use std::os::unix::fs::PermissionsExt;
+    for i in 0..21_000u32 {
+        fs::set_permissions(
+            a.path("f"),
+            fs::Permissions::from_mode(0o600 | ((i % 2) * 0o44)),
+        )
+        .unwrap();
+    }
+    for i in 0..50 {
+        fs::write(a.path(&format!("new-{i}")), vec![i as u8; 70_000]).unwrap();
+    }
+    let first_log_index = a.status()["first_log_index"].as_u64().unwrap();
+    assert!(
+        first_log_index > 10_000,
+        "the leader compacted its log (first index {first_log_index})"
+    );
+    cluster.node(3).mount();
+    converged(&cluster, "");
+    let log = fs::read_to_string(cluster.node(3).data.join("wpfs.log")).unwrap();
+    assert!(
+        log.matches("installed the snapshot").count() >= 2,
+        "node 3 caught up from a second snapshot"
     );
 }

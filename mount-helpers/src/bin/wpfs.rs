@@ -42,6 +42,9 @@ enum Command {
         peer: String,
         #[arg(long)]
         token: String,
+        /// Vote without storing file contents (a third vote for two web nodes).
+        #[arg(long)]
+        witness: bool,
     },
     /// Run the node and mount its tree (daemonizes unless --foreground).
     Mount {
@@ -105,10 +108,12 @@ fn run(cli: Cli) -> Result<(), String> {
             listen,
             peer,
             token,
+            witness,
         } => {
-            commands::join(&data, node_id, &listen, &peer, &token)?;
+            commands::join(&data, node_id, &listen, &peer, &token, witness)?;
+            let what = if witness { "witness node" } else { "node" };
             println!(
-                "prepared node {node_id} in {} to join via {peer}",
+                "prepared {what} {node_id} in {} to join via {peer}",
                 data.display()
             );
             Ok(())

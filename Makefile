@@ -1,6 +1,6 @@
 # wpfs: the two commands a newcomer needs, plus install.
 #
-#   sudo make demo      install build deps, build, run a one-node wpfs mounted at /tmp/wpfs-demo/mnt
+#   sudo make demo      install build deps, build, run a 3-node wpfs cluster mounted at /tmp/wpfs-demo/mnt{1,2,3}
 #   sudo make test      install build deps, build, run every test (what .ci/run runs)
 #   sudo make install   put wpfs in /usr/local/bin and mount.wpfs in /sbin (for fstab)
 #
@@ -27,17 +27,23 @@ build: deps
 	ln -sf wpfs $(BIN)/mount.wpfs
 
 demo: build
-	@mkdir -p $(DEMO)/mnt
-	@if [ ! -e $(DEMO)/data/wpfs.json ]; then \
-	  $(BIN)/wpfs init --data $(DEMO)/data --node-id 1 --listen 127.0.0.1:7400 --admin 127.0.0.1:7401; fi
-	@mountpoint -q $(DEMO)/mnt || $(BIN)/wpfs mount $(DEMO)/data $(DEMO)/mnt -o allow_other
-	@cp -a /usr/share/wordpress/wp-content/. $(DEMO)/mnt/ 2>/dev/null || true
-	@echo; echo "wpfs is mounted at $(DEMO)/mnt:"; ls -la $(DEMO)/mnt; echo
-	@$(BIN)/wpfs status --data $(DEMO)/data
-	@echo; echo "health: curl http://127.0.0.1:7401/health   stop: umount $(DEMO)/mnt"
+	@mkdir -p $(DEMO)/mnt1 $(DEMO)/mnt2 $(DEMO)/mnt3
+	@if [ ! -e $(DEMO)/node1/wpfs.json ]; then \
+	  $(BIN)/wpfs init --data $(DEMO)/node1 --node-id 1 --listen 127.0.0.1:7400 --admin 127.0.0.1:7401 >/dev/null; fi
+	@mountpoint -q $(DEMO)/mnt1 || $(BIN)/wpfs mount $(DEMO)/node1 $(DEMO)/mnt1 -o allow_other
+	@for n in 2 3; do \
+	  [ -e $(DEMO)/node$$n/wpfs.json ] || $(BIN)/wpfs join --data $(DEMO)/node$$n --node-id $$n \
+	    --listen 127.0.0.1:740$$((n * 2)) --peer 127.0.0.1:7400 --token $$($(BIN)/wpfs token --data $(DEMO)/node1) >/dev/null; \
+	  mountpoint -q $(DEMO)/mnt$$n || $(BIN)/wpfs mount $(DEMO)/node$$n $(DEMO)/mnt$$n -o allow_other; \
+	done
+	@cp -a /usr/share/wordpress/wp-content/. $(DEMO)/mnt1/ 2>/dev/null || true
+	@echo; echo "a 3-node wpfs cluster is mounted at $(DEMO)/mnt1, mnt2, mnt3."
+	@echo "copied into mnt1, listed on mnt3:"; ls -la $(DEMO)/mnt3; echo
+	@$(BIN)/wpfs status --data $(DEMO)/node1
+	@echo; echo "health: curl http://127.0.0.1:7401/health   stop: umount $(DEMO)/mnt{1,2,3}"
 
 clean-demo:
-	-umount $(DEMO)/mnt
+	-umount $(DEMO)/mnt1 $(DEMO)/mnt2 $(DEMO)/mnt3
 	rm -rf $(DEMO)
 
 test: build lint test-rust conformance

@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
-# WordPress-shaped benchmark: the same workloads on a one-node wpfs mount
-# and on a local directory of the same disk, in one run; prints medians and
-# the wpfs/local ratios (docs/performance.md).
+# WordPress-shaped benchmark: the same workloads on wpfs and on a local
+# directory of the same disk, in one run; prints medians and the
+# wpfs/local ratios (docs/performance.md).
 #
-#   benches/run.sh [--runs N] [--only W1,W2,W3,W4]
+#   benches/run.sh [--nodes 1|3] [wpbench options: --runs N, --only W1,...]
+#
+# --nodes 1 (default): one-node wpfs against local disk (W1-W5; W5 reads
+#   back on the same mount).
+# --nodes 3: additionally a 3-node cluster on 127.0.0.1: W1-W4 on node 1,
+#   the include storm (W2) on a follower, W5 from node 1 to node 2 (real
+#   cross-node visibility), and the catch-up rate of a fourth node that
+#   joins the populated cluster.
 #
 # Needs the wpbench harness: WPBENCH=path, default ../shared/bench/wpbench.
 # Builds nothing: run `make build` first (uses $BIN, default the dev build).
@@ -14,13 +21,71 @@ BIN=${BIN:-/var/tmp/wpfs-target/debug}
 [ -x "$WPBENCH" ] || { echo "no wpbench at $WPBENCH: set WPBENCH=path" >&2; exit 1; }
 [ -x "$BIN/wpfs" ] || { echo "no wpfs in $BIN: run 'make build' or set BIN" >&2; exit 1; }
 
-work=$(mktemp -d /var/tmp/wpfs-bench-XXXX)
-cleanup() { umount "$work/mnt" 2>/dev/null || true; sleep 1; rm -rf "$work"; }
-trap cleanup EXIT
-mkdir -p "$work/mnt" "$work/local"
-"$BIN/wpfs" init --data "$work/data" --node-id 1 --listen 127.0.0.1:7490 >/dev/null
-"$BIN/wpfs" mount "$work/data" "$work/mnt" -o allow_other
+nodes=1
+if [ "${1:-}" = "--nodes" ]; then nodes=$2; shift 2; fi
+case $nodes in 1|3) ;; *) echo "--nodes must be 1 or 3" >&2; exit 2 ;; esac
 
-"$WPBENCH" --label local "$@" --json-out "$work/results.jsonl" "$work/local" >/dev/null
-"$WPBENCH" --label wpfs "$@" --json-out "$work/results.jsonl" "$work/mnt" >/dev/null
-"$WPBENCH" --report "$work/results.jsonl" --baseline local --markdown
+work=$(mktemp -d /var/tmp/wpfs-bench-XXXX)
+cleanup() {
+    for m in "$work"/mnt*; do umount "$m" 2>/dev/null || true; done
+    sleep 1
+    rm -rf "$work"
+}
+trap cleanup EXIT
+results=$work/results.jsonl
+mkdir -p "$work/local"
+
+# node N: data in $work/dN, mounted at $work/mntN, peers on 127.0.0.1:749N.
+start_node() {
+    local n=$1
+    mkdir -p "$work/mnt$n"
+    if [ "$n" = 1 ]; then
+        "$BIN/wpfs" init --data "$work/d1" --node-id 1 --listen 127.0.0.1:7491 >/dev/null
+    else
+        "$BIN/wpfs" join --data "$work/d$n" --node-id "$n" --listen "127.0.0.1:749$n" \
+            --peer 127.0.0.1:7491 --token "$("$BIN/wpfs" token --data "$work/d1")" >/dev/null
+    fi
+    "$BIN/wpfs" mount "$work/d$n" "$work/mnt$n" -o allow_other 2>/dev/null
+}
+status() { "$BIN/wpfs" status --data "$work/d$1" --json; }
+field() { python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
+
+"$WPBENCH" --label local "$@" --json-out "$results" "$work/local" >/dev/null
+
+start_node 1
+"$WPBENCH" --label wpfs-1node "$@" --json-out "$results" "$work/mnt1" >/dev/null
+
+if [ "$nodes" = 3 ]; then
+    start_node 2
+    start_node 3
+    "$WPBENCH" --label wpfs-3node "$@" --json-out "$results" "$work/mnt1" "$work/mnt2" >/dev/null
+    # Reads stay local: the include storm on a follower.
+    args=()
+    skip=0
+    for a in "$@"; do
+        if [ $skip = 1 ]; then skip=0; continue; fi
+        if [ "$a" = --only ]; then skip=1; continue; fi
+        args+=("$a")
+    done
+    "$WPBENCH" --label wpfs-3node-follower "${args[@]}" --only W2 --json-out "$results" \
+        "$work/mnt2" >/dev/null
+
+    # Catch-up of a fourth node: the WordPress tree plus 256 MiB of media.
+    mkdir -p "$work/mnt1/catchup"
+    cp -a /usr/share/wordpress "$work/mnt1/catchup/wp"
+    head -c $((256 << 20)) /dev/urandom > "$work/mnt1/catchup/media.bin"
+    started=$(date +%s.%N)
+    start_node 4
+    until [ "$(status 4 | field replication_backlog_chunks)" = 0 ] &&
+          [ "$(status 4 | field replicated_bytes)" -gt $((256 << 20)) ]; do
+        sleep 0.2
+    done
+    ended=$(date +%s.%N)
+    bytes=$(status 4 | field replicated_bytes)
+    python3 -c "
+s, e, b = $started, $ended, $bytes
+print(f'catch-up of a new node: {b / 2**20:.0f} MiB in {e - s:.1f} s = {b / 2**20 / (e - s):.0f} MiB/s '
+      '(join, snapshot, then every chunk)')"
+fi
+
+"$WPBENCH" --report "$results" --baseline local --markdown

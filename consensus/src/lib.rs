@@ -6,7 +6,7 @@
 //! - `namespace`: the deterministic state machine (inodes, entries, chunk slots);
 //! - `node`: the driver thread running the RawNode loop and taking proposals;
 //! - `snapshot`: the namespace as a file, for nodes that fell behind the log;
-//! - `transport`: authenticated TCP links between the nodes.
+//! - `transport`: the links between the nodes; `tls`: their mutual TLS.
 
 mod logger;
 pub mod namespace;
@@ -14,6 +14,7 @@ pub mod node;
 pub mod raft_log;
 pub mod snapshot;
 pub mod store;
+pub mod tls;
 pub mod transport;
 
 pub use namespace::{Namespace, CHUNK_SIZE, ROOT_INO};

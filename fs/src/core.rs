@@ -588,15 +588,19 @@ impl FsCore {
             return Ok(());
         }
         let update = state.update(&self.contents)?;
-        if let Some(r) = self.replicator.get() {
-            let new: Vec<Hash> = update
-                .chunks
-                .iter()
-                .filter_map(|c| Hash::try_from(&c.hash[..]).ok())
-                .collect();
-            r.place(&new);
-        }
-        let outcome = self.propose(Op::SetContent(update), durable)?;
+        let new: Vec<Hash> = update
+            .chunks
+            .iter()
+            .filter_map(|c| Hash::try_from(&c.hash[..]).ok())
+            .collect();
+        // The copies travel while the command commits; close() returns
+        // when both are done.
+        let outcome = std::thread::scope(|scope| {
+            if let Some(r) = self.replicator.get().filter(|_| !new.is_empty()) {
+                scope.spawn(|| r.place(&new));
+            }
+            self.propose(Op::SetContent(update), durable)
+        })?;
         let inode = outcome.inode.ok_or(Errno(libc::EIO))?;
         state.committed(&inode);
         Ok(())

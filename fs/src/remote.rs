@@ -9,8 +9,15 @@
 //! drop (fuser's `Notifier`). Those notifications may block on a directory
 //! lock that a FUSE request holds, so they are sent from their own thread,
 //! never from the Raft driver or under a lock of ours.
+//!
+//! Each invalidation is sent again a little later (`RESEND_AFTER`): a
+//! lookup that read the namespace just before the change was applied can
+//! deliver its answer (say, "no such name", cached for the TTL) after the
+//! first invalidation; the kernel has no version check for names.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use wpfs_consensus::namespace::{Hash, Namespace};
@@ -19,6 +26,10 @@ use wpfs_proto::{Command, Op, Outcome};
 
 use crate::replication::Replicator;
 
+/// When each invalidation is sent again after the first time.
+const RESEND_AFTER: [Duration; 2] = [Duration::from_millis(20), Duration::from_millis(200)];
+
+#[derive(Clone)]
 enum Invalidation {
     Entry(u64, Vec<u8>),
     Inode(u64),
@@ -46,9 +57,28 @@ impl RemoteChanges {
         std::thread::Builder::new()
             .name("invalidate".into())
             .spawn(move || {
-                while let Ok(inval) = rx.recv() {
+                // (due, resends left, invalidation), in due order.
+                let mut again: VecDeque<(Instant, usize, Invalidation)> = VecDeque::new();
+                loop {
+                    let wait = again
+                        .front()
+                        .map_or(Duration::from_secs(3600), |(due, _, _)| {
+                            due.saturating_duration_since(Instant::now())
+                        });
+                    let (inval, sent) = match rx.recv_timeout(wait) {
+                        Ok(inval) => (inval, 0),
+                        Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                            let (_, sent, inval) = again.pop_front().expect("a due resend");
+                            (inval, sent)
+                        }
+                        Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+                    };
                     if let Some(notifier) = n.get() {
-                        send(notifier, &namespace, inval);
+                        send(notifier, &namespace, inval.clone());
+                    }
+                    if let Some(delay) = RESEND_AFTER.get(sent) {
+                        again.push_back((Instant::now() + *delay, sent + 1, inval));
+                        again.make_contiguous().sort_by_key(|(due, _, _)| *due);
                     }
                 }
             })

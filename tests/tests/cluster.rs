@@ -278,7 +278,7 @@ fn a_node_with_a_wrong_token_is_refused() {
     );
     let log = fs::read_to_string(cluster.node(1).data.join("wpfs.log")).unwrap();
     assert!(
-        log.contains("failed authentication"),
+        log.contains("failed authentication (TLS"),
         "node 1 logs the refusal"
     );
     assert_eq!(

@@ -278,11 +278,7 @@ impl Namespace {
     /// anything referenced them) and may be collected, each with the time
     /// it was flagged (seconds since the epoch; 0 when unknown).
     pub fn garbage_chunks(&self) -> Result<Vec<(Hash, u64)>> {
-        let cf = self.store.cf(CF_META);
-        let iter = self
-            .store
-            .db()
-            .iterator_cf(cf, IteratorMode::From(b"g", Direction::Forward));
+        let iter = self.tag_iter(b'g');
         let mut out = Vec::new();
         for item in iter {
             let (k, v) = item?;
@@ -304,12 +300,21 @@ impl Namespace {
             .delete_cf(self.store.cf(CF_META), garbage_key(hash))?)
     }
 
+    /// The keys with one tag, bounded above: without the bound the
+    /// iterator would walk every deleted key after the last live one (a
+    /// long run after many chunks are freed) just to find the end.
+    fn tag_iter(&self, tag: u8) -> rocksdb::DBIteratorWithThreadMode<'_, rocksdb::DB> {
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(vec![tag + 1]);
+        self.store.db().iterator_cf_opt(
+            self.store.cf(CF_META),
+            opts,
+            IteratorMode::From(&[tag], Direction::Forward),
+        )
+    }
+
     fn scan_tag<T>(&self, tag: u8, f: impl Fn(&[u8]) -> T) -> Result<Vec<T>> {
-        let cf = self.store.cf(CF_META);
-        let iter = self
-            .store
-            .db()
-            .iterator_cf(cf, IteratorMode::From(&[tag], Direction::Forward));
+        let iter = self.tag_iter(tag);
         let mut out = Vec::new();
         for item in iter {
             let (k, _) = item?;
@@ -356,11 +361,7 @@ impl Namespace {
 
     /// Every member: id, peer address, whether it is a witness.
     pub fn members(&self) -> Result<Vec<Member>> {
-        let cf = self.store.cf(CF_META);
-        let iter = self
-            .store
-            .db()
-            .iterator_cf(cf, IteratorMode::From(b"m", Direction::Forward));
+        let iter = self.tag_iter(b'm');
         let mut out = Vec::new();
         for item in iter {
             let (k, v) = item?;

@@ -21,7 +21,7 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
@@ -35,6 +35,8 @@ use crate::chunks::{hex, ChunkSource, ChunkStore};
 /// Chunks fetched at once in the background.
 const WORKERS: usize = 4;
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the list of data members is trusted.
+const MEMBERS_FRESH: Duration = Duration::from_secs(1);
 /// Chunks pushed in one request (64 KiB each: 4 MiB).
 const PUSH_BATCH: usize = 64;
 
@@ -54,6 +56,8 @@ pub struct Replicator {
     witness: bool,
     /// Chunks written here that are on fewer than `copies` nodes.
     under_replicated: Mutex<HashSet<Hash>>,
+    /// Data members other than this node, and when they were read.
+    members: Mutex<(Option<Instant>, Vec<u64>)>,
     queue: Sender<Want>,
     /// Chunks wanted and not stored yet: the replication backlog.
     backlog: Mutex<HashSet<Hash>>,
@@ -93,6 +97,7 @@ impl Replicator {
             copies: config.copies.max(1),
             witness: config.witness,
             under_replicated: Mutex::new(HashSet::new()),
+            members: Mutex::new((None, Vec::new())),
             queue: tx,
             backlog: Mutex::new(HashSet::new()),
             failed: Mutex::new(Vec::new()),
@@ -199,16 +204,23 @@ impl Replicator {
         Ok(())
     }
 
-    /// The other members that store contents.
+    /// The other members that store contents (re-read at most once a
+    /// second: every close() asks).
     fn data_members(&self) -> Vec<u64> {
-        let me = self.transport.node_id();
-        self.namespace
-            .members()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|m| !m.witness && m.node_id != me)
-            .map(|m| m.node_id)
-            .collect()
+        let mut cache = self.members.lock();
+        if cache.0.is_none_or(|at| at.elapsed() > MEMBERS_FRESH) {
+            let me = self.transport.node_id();
+            cache.1 = self
+                .namespace
+                .members()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|m| !m.witness && m.node_id != me)
+                .map(|m| m.node_id)
+                .collect();
+            cache.0 = Some(Instant::now());
+        }
+        cache.1.clone()
     }
 
     /// Connected members that store contents, `first` (if one) first.

@@ -24,6 +24,7 @@
 //! | `g` hash                     | chunk whose count fell to zero      |
 //! | `o` ino                      | orphan: unlinked but still open     |
 //! | `m` node id                  | `Member`: peer address, witness     |
+//! | `q` node id request id       | a command applied recently: repeats of it are dropped |
 //! | `sapplied` / `snext_ino` / `sinodes` | counters                    |
 
 use std::collections::HashMap;
@@ -88,6 +89,9 @@ fn garbage_key(hash: &[u8]) -> Vec<u8> {
 }
 fn orphan_key(ino: u64) -> Vec<u8> {
     key(b'o', &[&be(ino)])
+}
+fn request_key(node: u64, request: u64) -> Vec<u8> {
+    key(b'q', &[&be(node), &be(request)])
 }
 fn member_key(id: u64) -> Vec<u8> {
     key(b'm', &[&be(id)])
@@ -390,7 +394,15 @@ impl Namespace {
 
     /// Applies one command; the returned outcome is what the proposer's
     /// syscall gets. Only a store failure is an `Err`.
-    pub fn apply(&self, index: u64, term: u64, cmd: &Command) -> Result<Outcome> {
+    /// A command applied twice (proposed again after a leader change that
+    /// had in fact kept it) changes nothing the second time; its outcome
+    /// is `None` and nobody waits for it.
+    pub fn apply(&self, index: u64, term: u64, cmd: &Command) -> Result<Option<Outcome>> {
+        let seen = request_key(cmd.node_id, cmd.request_id);
+        if self.get(&seen)?.is_some() {
+            self.apply_nothing(index, term)?;
+            return Ok(None);
+        }
         let mut txn = Txn::new(self, cmd.now_ns);
         let result = match &cmd.op {
             Some(Op::Create(c)) => txn.create(c),
@@ -417,13 +429,24 @@ impl Namespace {
         };
         // A failed command still consumes its log entry.
         let mut batch = txn.batch_or_empty();
-        batch.put_cf(
-            self.store.cf(CF_META),
-            KEY_APPLIED,
-            applied_value(index, term),
+        let cf = self.store.cf(CF_META);
+        batch.put_cf(cf, KEY_APPLIED, applied_value(index, term));
+        batch.put_cf(cf, &seen, b"");
+        // Ids below the proposer's oldest waiting one cannot come again.
+        let forget_from = request_key(cmd.node_id, 0);
+        let forget_to = request_key(cmd.node_id, cmd.oldest_pending.min(cmd.request_id));
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(forget_to);
+        let old = self.store.db().iterator_cf_opt(
+            cf,
+            opts,
+            IteratorMode::From(&forget_from, Direction::Forward),
         );
+        for item in old {
+            batch.delete_cf(cf, item?.0);
+        }
         self.store.db().write(batch)?;
-        Ok(outcome)
+        Ok(Some(outcome))
     }
 }
 

@@ -14,6 +14,12 @@
 //! log, and since every node computes the same outcome, the proposer takes
 //! its result from its own apply.
 //!
+//! A proposal can be lost (the leader it went to died or lost its term) or
+//! have nowhere to go (an election is running). It stays pending and is
+//! proposed again every `RETRY_AFTER` until it is applied or its caller's
+//! deadline passes; the state machine drops the copies of a command it has
+//! already applied, so a repeat is harmless.
+//!
 //! Membership: a new node is added as a learner (`AddLearnerNode`, its
 //! peer address in the change's context) and the leader promotes it to
 //! voter (`AddNode`) once it has caught up, while voters are fewer than
@@ -24,7 +30,7 @@
 //! `durable` entry (an `fsync()`), when the term or vote changes (Raft's
 //! safety needs that on disk), or at the latest `sync_interval` after it.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -51,8 +57,11 @@ const DURABLE: &[u8] = b"d";
 const LOG_KEEP: u64 = 10_000;
 /// Learners are promoted to voters while there are fewer voters than this.
 const MAX_VOTERS: usize = 5;
-/// A proposal nobody waits for any more is forgotten after this long.
-const PENDING_EXPIRY: Duration = Duration::from_secs(120);
+/// A proposal not applied this long after it was sent is sent again.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// The caller waits this much longer than its deadline, so that the
+/// driver, which knows why nothing happened, gives the answer.
+const ANSWER_GRACE: Duration = Duration::from_secs(1);
 
 /// What the filesystem layer learns from the driver as the log is applied.
 /// Called on the driver thread: implementations hand work off and return.
@@ -127,6 +136,7 @@ enum Request {
     Propose {
         cmd: Command,
         durable: bool,
+        deadline: Instant,
         reply: Reply<Outcome>,
     },
     Step(RaftMessage),
@@ -218,7 +228,7 @@ impl Node {
             raw,
             namespace,
             store,
-            pending: HashMap::new(),
+            pending: BTreeMap::new(),
             pending_members: Vec::new(),
             promoting: None,
             transport,
@@ -263,6 +273,7 @@ impl Node {
             node_id: self.id,
             request_id,
             now_ns,
+            oldest_pending: 0, // set by the driver, which knows what waits
             op: Some(op),
         };
         let (reply, rx) = crossbeam_channel::bounded(1);
@@ -270,10 +281,11 @@ impl Node {
             .send(Request::Propose {
                 cmd,
                 durable,
+                deadline: Instant::now() + timeout,
                 reply,
             })
             .map_err(|_| ProposeError::Stopped)?;
-        wait(&rx, timeout)
+        wait(&rx, timeout + ANSWER_GRACE)
     }
 
     pub fn status(&self) -> RaftStatus {
@@ -353,13 +365,24 @@ impl Drop for Node {
     }
 }
 
+/// A proposal of this node, until it is applied or its deadline passes.
+struct Pending {
+    cmd: Command,
+    durable: bool,
+    deadline: Instant,
+    /// When it last went to Raft; `None` while there was no leader.
+    sent: Option<Instant>,
+    reply: Reply<Outcome>,
+}
+
 struct Driver {
     id: u64,
     raw: RawNode<RaftLog>,
     namespace: Namespace,
     store: Store,
-    /// Proposals of this node waiting for their entry to be applied.
-    pending: HashMap<u64, (Reply<Outcome>, Instant)>,
+    /// Proposals of this node waiting for their entry to be applied, by
+    /// request id (oldest first).
+    pending: BTreeMap<u64, Pending>,
     /// Membership changes waiting to be applied.
     pending_members: Vec<(ConfChangeType, u64, Reply<()>)>,
     /// The learner being promoted (leader only), and since when.
@@ -418,8 +441,22 @@ impl Driver {
             Request::Propose {
                 cmd,
                 durable,
+                deadline,
                 reply,
-            } => self.propose(cmd, durable, reply),
+            } => {
+                let id = cmd.request_id;
+                self.pending.insert(
+                    id,
+                    Pending {
+                        cmd,
+                        durable,
+                        deadline,
+                        sent: None,
+                        reply,
+                    },
+                );
+                self.send_proposal(id);
+            }
             Request::Step(msg) => {
                 if let Err(e) = self.raw.step(msg) {
                     tracing::debug!("dropped a Raft message: {e}");
@@ -462,11 +499,36 @@ impl Driver {
         }
     }
 
-    /// Once per tick: forget expired proposals; on the leader, promote a
-    /// caught-up learner.
+    /// Once per tick: answer proposals whose deadline passed, send again
+    /// those that may have been lost; on the leader, promote a caught-up
+    /// learner.
     fn housekeeping(&mut self) {
-        self.pending
-            .retain(|_, (_, since)| since.elapsed() < PENDING_EXPIRY);
+        let now = Instant::now();
+        let expired: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            let p = self.pending.remove(&id).expect("listed above");
+            let why = if p.sent.is_none() || self.raw.raft.leader_id == 0 {
+                ProposeError::NoLeader
+            } else {
+                ProposeError::Timeout(p.deadline.saturating_duration_since(now))
+            };
+            tracing::warn!("a change was not applied before its deadline: {why}");
+            let _ = p.reply.send(Err(why));
+        }
+        let stale: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.sent.is_none_or(|at| now - at >= RETRY_AFTER))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stale {
+            self.send_proposal(id);
+        }
         if self.raw.raft.state != StateRole::Leader || self.raw.raft.has_pending_conf() {
             return;
         }
@@ -504,8 +566,8 @@ impl Driver {
         if let Err(e) = self.store.sync() {
             tracing::error!("final sync of the Raft log failed: {e}");
         }
-        for (_, (reply, _)) in self.pending.drain() {
-            let _ = reply.send(Err(ProposeError::Stopped));
+        for (_, p) in std::mem::take(&mut self.pending) {
+            let _ = p.reply.send(Err(ProposeError::Stopped));
         }
     }
 
@@ -513,23 +575,29 @@ impl Driver {
     /// waiting proposal and remember why, for status and health.
     fn fail(&mut self, why: String) {
         tracing::error!("Raft driver stopped: {why}");
-        for (_, (reply, _)) in self.pending.drain() {
-            let _ = reply.send(Err(ProposeError::Store(why.clone())));
+        for (_, p) in std::mem::take(&mut self.pending) {
+            let _ = p.reply.send(Err(ProposeError::Store(why.clone())));
         }
         self.shared.status.lock().failed = Some(why);
     }
 
-    fn propose(&mut self, cmd: Command, durable: bool, reply: Reply<Outcome>) {
-        // On a follower, raft-rs forwards the proposal to the leader.
-        let context = if durable { DURABLE.to_vec() } else { vec![] };
-        let request_id = cmd.request_id;
-        match self.raw.propose(context, cmd.encode_to_vec()) {
-            Ok(()) => {
-                self.pending.insert(request_id, (reply, Instant::now()));
-            }
-            Err(_) => {
-                let _ = reply.send(Err(ProposeError::NoLeader));
-            }
+    /// Hands pending proposal `id` to Raft (on a follower, raft-rs
+    /// forwards it to the leader). Without a leader it stays pending and
+    /// the next tick tries again.
+    fn send_proposal(&mut self, id: u64) {
+        let oldest = *self.pending.keys().next().unwrap_or(&id);
+        let Some(p) = self.pending.get_mut(&id) else {
+            return;
+        };
+        p.cmd.oldest_pending = oldest;
+        let context = if p.durable { DURABLE.to_vec() } else { vec![] };
+        if p.sent.is_some() {
+            tracing::info!(
+                "proposing request {id} again: it may have been lost in a leader change"
+            );
+        }
+        if self.raw.propose(context, p.cmd.encode_to_vec()).is_ok() {
+            p.sent = Some(Instant::now());
         }
     }
 
@@ -668,13 +736,15 @@ impl Driver {
                 return self.namespace.apply_nothing(entry.index, entry.term);
             }
         };
-        let outcome = self.namespace.apply(entry.index, entry.term, &cmd)?;
+        let Some(outcome) = self.namespace.apply(entry.index, entry.term, &cmd)? else {
+            return Ok(()); // a repeat of a command already applied
+        };
         if let Some(o) = self.shared.observer.lock().clone() {
             o.applied(&cmd, &outcome);
         }
         if cmd.node_id == self.id {
-            if let Some((reply, _)) = self.pending.remove(&cmd.request_id) {
-                let _ = reply.send(Ok(outcome));
+            if let Some(p) = self.pending.remove(&cmd.request_id) {
+                let _ = p.reply.send(Ok(outcome));
             }
         }
         Ok(())

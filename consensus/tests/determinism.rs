@@ -76,6 +76,7 @@ fn random_log(seed: u64, n: usize) -> Vec<Command> {
                 node_id: 1,
                 request_id: i as u64,
                 now_ns: 1_000_000 + i as i64,
+                oldest_pending: i as u64,
                 op: Some(op),
             }
         })
@@ -92,7 +93,12 @@ fn apply(store: &Store, log: &[Command], first_index: u64) -> Vec<i32> {
     let ns = Namespace::new(store.clone());
     log.iter()
         .enumerate()
-        .map(|(i, cmd)| ns.apply(first_index + i as u64, 1, cmd).unwrap().errno)
+        .map(|(i, cmd)| {
+            ns.apply(first_index + i as u64, 1, cmd)
+                .unwrap()
+                .expect("every command is new")
+                .errno
+        })
         .collect()
 }
 
@@ -133,4 +139,48 @@ fn the_same_log_gives_the_same_namespace_everywhere() {
             "seed {seed}: restart changed the result"
         );
     }
+}
+
+#[test]
+fn a_command_proposed_again_is_applied_once() {
+    // After a leader change a node proposes its waiting commands again; a
+    // copy of one the log already holds must change nothing.
+    let tmp = tempfile::tempdir().unwrap();
+    let log: Vec<Command> = random_log(42, 200)
+        .into_iter()
+        .map(|mut c| {
+            // The proposer still waits for its last 20 requests.
+            c.oldest_pending = c.request_id.saturating_sub(20);
+            c
+        })
+        .collect();
+    let once = fresh(&tmp.path().join("once"));
+    apply(&once, &log, 1);
+
+    let twice = fresh(&tmp.path().join("twice"));
+    let ns = Namespace::new(twice.clone());
+    let mut index = 1;
+    for (i, cmd) in log.iter().enumerate() {
+        // Each command, a copy of it at once, and a copy of an older one.
+        let older = &log[i.saturating_sub(10)];
+        for (n, c) in [cmd, cmd, older].into_iter().enumerate() {
+            let applied = ns.apply(index, 1, c).unwrap().is_some();
+            assert_eq!(
+                applied,
+                n == 0,
+                "entry {index}: only the first copy applies"
+            );
+            index += 1;
+        }
+    }
+    let without_index = |pairs: Pairs| -> Pairs {
+        pairs
+            .into_iter()
+            .filter(|(k, _)| &k[..] != b"sapplied")
+            .collect()
+    };
+    assert_eq!(
+        without_index(contents(&twice)),
+        without_index(contents(&once))
+    );
 }

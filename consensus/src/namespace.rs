@@ -24,7 +24,7 @@
 //! | `g` hash                     | chunk whose count fell to zero      |
 //! | `o` ino                      | orphan: unlinked but still open     |
 //! | `m` node id                  | `Member`: peer address, witness     |
-//! | `q` node id request id       | a command applied recently: repeats of it are dropped |
+//! | `q` node id                  | ids of that node's recent commands: repeats are dropped |
 //! | `sapplied` / `snext_ino` / `sinodes` | counters                    |
 
 use std::collections::HashMap;
@@ -90,8 +90,8 @@ fn garbage_key(hash: &[u8]) -> Vec<u8> {
 fn orphan_key(ino: u64) -> Vec<u8> {
     key(b'o', &[&be(ino)])
 }
-fn request_key(node: u64, request: u64) -> Vec<u8> {
-    key(b'q', &[&be(node), &be(request)])
+fn requests_key(node: u64) -> Vec<u8> {
+    key(b'q', &[&be(node)])
 }
 fn member_key(id: u64) -> Vec<u8> {
     key(b'm', &[&be(id)])
@@ -398,11 +398,22 @@ impl Namespace {
     /// had in fact kept it) changes nothing the second time; its outcome
     /// is `None` and nobody waits for it.
     pub fn apply(&self, index: u64, term: u64, cmd: &Command) -> Result<Option<Outcome>> {
-        let seen = request_key(cmd.node_id, cmd.request_id);
-        if self.get(&seen)?.is_some() {
+        // The proposer's recent request ids, sorted; those below its oldest
+        // waiting one cannot come again and are forgotten. One small value
+        // per node: deleting a key per command would leave a trail of
+        // tombstones for every later scan to walk.
+        let seen_key = requests_key(cmd.node_id);
+        let mut seen: Vec<u64> = self
+            .get(&seen_key)?
+            .map(|v| v.chunks_exact(8).map(read_be).collect())
+            .unwrap_or_default();
+        if seen.binary_search(&cmd.request_id).is_ok() {
             self.apply_nothing(index, term)?;
             return Ok(None);
         }
+        seen.retain(|id| *id >= cmd.oldest_pending.min(cmd.request_id));
+        let at = seen.partition_point(|id| *id < cmd.request_id);
+        seen.insert(at, cmd.request_id);
         let mut txn = Txn::new(self, cmd.now_ns);
         let result = match &cmd.op {
             Some(Op::Create(c)) => txn.create(c),
@@ -431,20 +442,8 @@ impl Namespace {
         let mut batch = txn.batch_or_empty();
         let cf = self.store.cf(CF_META);
         batch.put_cf(cf, KEY_APPLIED, applied_value(index, term));
-        batch.put_cf(cf, &seen, b"");
-        // Ids below the proposer's oldest waiting one cannot come again.
-        let forget_from = request_key(cmd.node_id, 0);
-        let forget_to = request_key(cmd.node_id, cmd.oldest_pending.min(cmd.request_id));
-        let mut opts = ReadOptions::default();
-        opts.set_iterate_upper_bound(forget_to);
-        let old = self.store.db().iterator_cf_opt(
-            cf,
-            opts,
-            IteratorMode::From(&forget_from, Direction::Forward),
-        );
-        for item in old {
-            batch.delete_cf(cf, item?.0);
-        }
+        let value: Vec<u8> = seen.iter().flat_map(|id| be(*id)).collect();
+        batch.put_cf(cf, &seen_key, value);
         self.store.db().write(batch)?;
         Ok(Some(outcome))
     }

@@ -143,7 +143,7 @@ impl Replicator {
 
     /// Queues the failed wants again and pushes under-replicated chunks
     /// (called every few seconds).
-    pub fn retry(&self) {
+    pub fn retry(self: &Arc<Self>) {
         for want in std::mem::take(&mut *self.failed.lock()) {
             let _ = self.queue.send(want);
         }
@@ -160,23 +160,35 @@ impl Replicator {
         }
     }
 
-    /// Pushes chunks written here to `copies - 1` other data nodes; what
-    /// cannot be placed now is remembered and retried.
-    pub fn place(&self, hashes: &[Hash]) {
+    /// Pushes chunks written here to every connected data node at once and
+    /// returns when `copies - 1` of them have stored them (or all have
+    /// answered): a peer that is frozen rather than dead cannot hold up a
+    /// close(). What cannot be placed now is remembered and retried.
+    pub fn place(self: &Arc<Self>, hashes: &[Hash]) {
         if self.copies <= 1 || hashes.is_empty() {
             return;
         }
         // A cluster with fewer data nodes than `copies` keeps one per node.
         let members = self.data_members().len();
         let wanted = self.copies.min(members + 1);
-        let mut placed = 0;
+        let (tx, rx) = crossbeam_channel::unbounded();
         for peer in self.data_peers(0) {
-            if placed + 1 >= wanted {
-                break;
-            }
-            match self.push(peer, hashes) {
-                Ok(()) => placed += 1,
-                Err(e) => tracing::debug!("pushing chunks to node {peer}: {e}"),
+            let (me, tx, hashes) = (self.clone(), tx.clone(), hashes.to_vec());
+            std::thread::spawn(move || {
+                let result = me.push(peer, &hashes);
+                if let Err(e) = &result {
+                    tracing::debug!("pushing chunks to node {peer}: {e}");
+                }
+                let _ = tx.send(result.is_ok());
+            });
+        }
+        drop(tx);
+        let mut placed = 0;
+        while placed + 1 < wanted {
+            match rx.recv() {
+                Ok(true) => placed += 1,
+                Ok(false) => {}
+                Err(_) => break, // every push has answered
             }
         }
         let mut under = self.under_replicated.lock();

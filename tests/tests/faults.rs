@@ -67,9 +67,17 @@ fn load(node: &Node, n: usize, stop: &AtomicBool, seen: &Mutex<Observed>) {
 /// another cluster competing for the same CPUs.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-/// Runs the load on every node but the victim, kills the victim with -9
-/// after a while, keeps the load going, then checks and reports.
-fn scenario(name: &str, victim_is_leader: bool) {
+enum Fault {
+    /// kill -9: the node is gone.
+    Kill9,
+    /// SIGSTOP for this long, then SIGCONT: alive but silent (a gray
+    /// failure), then back.
+    Freeze(Duration),
+}
+
+/// Runs the load on every node but the victim, applies the fault to the
+/// victim after a while, keeps the load going, then checks and reports.
+fn scenario(name: &str, victim_is_leader: bool, fault: Fault) {
     if !fuse_available() {
         return;
     }
@@ -106,14 +114,30 @@ fn scenario(name: &str, victim_is_leader: bool) {
             scope.spawn(move || load(node, *n, stop, seen));
         }
         std::thread::sleep(Duration::from_secs(2));
-        cluster.node(victim).kill9();
-        std::thread::sleep(Duration::from_secs(8));
+        match fault {
+            Fault::Kill9 => {
+                cluster.node(victim).kill9();
+                std::thread::sleep(Duration::from_secs(8));
+            }
+            Fault::Freeze(how_long) => {
+                let pid = cluster.node(victim).pid().expect("daemon pid");
+                unsafe { libc::kill(pid, libc::SIGSTOP) };
+                std::thread::sleep(how_long);
+                unsafe { libc::kill(pid, libc::SIGCONT) };
+                std::thread::sleep(Duration::from_secs(5));
+            }
+        }
         stop.store(true, Ordering::Relaxed);
     });
 
-    // Every acknowledged write is on every survivor, and they agree.
+    // Every acknowledged write is on every node still running, and they
+    // agree (a frozen node is running again by now).
+    let mut checked = survivors.clone();
+    if let Fault::Freeze(_) = fault {
+        checked.push((victim as usize, cluster.node(victim)));
+    }
     let reference = survivors[0].1;
-    let converged = survivors.iter().all(|(_, node)| {
+    let converged = checked.iter().all(|(_, node)| {
         let mut same = false;
         let deadline = Instant::now() + Duration::from_secs(20);
         while !same && Instant::now() < deadline {
@@ -125,7 +149,7 @@ fn scenario(name: &str, victim_is_leader: bool) {
     let mut lost = Vec::new();
     for s in &seen {
         for (file, data) in &s.lock().unwrap().acknowledged {
-            for (n, node) in &survivors {
+            for (n, node) in &checked {
                 if fs::read(node.path(file)).ok().as_ref() != Some(data) {
                     lost.push(format!("{file} on node {n}"));
                 }
@@ -158,10 +182,28 @@ fn scenario(name: &str, victim_is_leader: bool) {
 
 #[test]
 fn kill_9_a_follower() {
-    scenario("kill -9 a follower (3 nodes)", false);
+    scenario("kill -9 a follower (3 nodes)", false, Fault::Kill9);
 }
 
 #[test]
 fn kill_9_the_leader() {
-    scenario("kill -9 the leader (3 nodes)", true);
+    scenario("kill -9 the leader (3 nodes)", true, Fault::Kill9);
+}
+
+#[test]
+fn freeze_a_follower_for_10_s() {
+    scenario(
+        "SIGSTOP a follower 10 s, then SIGCONT (3 nodes)",
+        false,
+        Fault::Freeze(Duration::from_secs(10)),
+    );
+}
+
+#[test]
+fn freeze_the_leader_for_10_s() {
+    scenario(
+        "SIGSTOP the leader 10 s, then SIGCONT (3 nodes)",
+        true,
+        Fault::Freeze(Duration::from_secs(10)),
+    );
 }

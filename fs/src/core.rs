@@ -594,13 +594,18 @@ impl FsCore {
             .filter_map(|c| Hash::try_from(&c.hash[..]).ok())
             .collect();
         // The copies travel while the command commits; close() returns
-        // when both are done.
-        let outcome = std::thread::scope(|scope| {
-            if let Some(r) = self.replicator.get().filter(|_| !new.is_empty()) {
+        // when both are done. A one-node cluster has nowhere to copy to.
+        let placer = self
+            .replicator
+            .get()
+            .filter(|r| !new.is_empty() && r.copies_wanted() > 1);
+        let outcome = match placer {
+            Some(r) => std::thread::scope(|scope| {
                 scope.spawn(|| r.place(&new));
-            }
-            self.propose(Op::SetContent(update), durable)
-        })?;
+                self.propose(Op::SetContent(update), durable)
+            }),
+            None => self.propose(Op::SetContent(update), durable),
+        }?;
         let inode = outcome.inode.ok_or(Errno(libc::EIO))?;
         state.committed(&inode);
         Ok(())

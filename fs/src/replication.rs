@@ -165,12 +165,10 @@ impl Replicator {
     /// answered): a peer that is frozen rather than dead cannot hold up a
     /// close(). What cannot be placed now is remembered and retried.
     pub fn place(self: &Arc<Self>, hashes: &[Hash]) {
-        if self.copies <= 1 || hashes.is_empty() {
+        let wanted = self.copies_wanted();
+        if wanted <= 1 || hashes.is_empty() {
             return;
         }
-        // A cluster with fewer data nodes than `copies` keeps one per node.
-        let members = self.data_members().len();
-        let wanted = self.copies.min(members + 1);
         let (tx, rx) = crossbeam_channel::unbounded();
         for peer in self.data_peers(0) {
             let (me, tx, hashes) = (self.clone(), tx.clone(), hashes.to_vec());
@@ -199,6 +197,12 @@ impl Replicator {
         } else {
             under.extend(hashes.iter().copied());
         }
+    }
+
+    /// How many nodes should hold new contents: `copies`, or fewer when
+    /// the cluster has fewer data nodes.
+    pub fn copies_wanted(&self) -> usize {
+        self.copies.min(self.data_members().len() + 1)
     }
 
     fn push(&self, peer: u64, hashes: &[Hash]) -> Result<(), String> {

@@ -90,6 +90,13 @@ fn garbage_key(hash: &[u8]) -> Vec<u8> {
 fn orphan_key(ino: u64) -> Vec<u8> {
     key(b'o', &[&be(ino)])
 }
+/// The chunk hash in a `g` or `r` key.
+fn hash_in(key: &[u8]) -> Hash {
+    let mut h = [0u8; 32];
+    h.copy_from_slice(&key[1..33]);
+    h
+}
+
 fn requests_key(node: u64) -> Vec<u8> {
     key(b'q', &[&be(node)])
 }
@@ -275,25 +282,16 @@ impl Namespace {
 
     /// Inodes unlinked while open, to be reaped once no handle holds them.
     pub fn orphans(&self) -> Result<Vec<u64>> {
-        self.scan_tag(b'o', |k| read_be(&k[1..]))
+        self.scan_tag(b'o', |k, _| Ok(read_be(&k[1..])))
     }
 
     /// Chunks whose reference count fell to zero (or that arrived before
     /// anything referenced them) and may be collected, each with the time
     /// it was flagged (seconds since the epoch; 0 when unknown).
     pub fn garbage_chunks(&self) -> Result<Vec<(Hash, u64)>> {
-        let iter = self.tag_iter(b'g');
-        let mut out = Vec::new();
-        for item in iter {
-            let (k, v) = item?;
-            if k[0] != b'g' {
-                break;
-            }
-            let mut h = [0u8; 32];
-            h.copy_from_slice(&k[1..33]);
-            out.push((h, if v.len() == 8 { read_be(&v) } else { 0 }));
-        }
-        Ok(out)
+        self.scan_tag(b'g', |k, v| {
+            Ok((hash_in(k), if v.len() == 8 { read_be(v) } else { 0 }))
+        })
     }
 
     /// Forgets a garbage candidate once it has been collected or revived.
@@ -317,15 +315,12 @@ impl Namespace {
         )
     }
 
-    fn scan_tag<T>(&self, tag: u8, f: impl Fn(&[u8]) -> T) -> Result<Vec<T>> {
-        let iter = self.tag_iter(tag);
+    /// `f(key, value)` for every key with `tag`, in key order.
+    fn scan_tag<T>(&self, tag: u8, f: impl Fn(&[u8], &[u8]) -> Result<T>) -> Result<Vec<T>> {
         let mut out = Vec::new();
-        for item in iter {
-            let (k, _) = item?;
-            if k[0] != tag {
-                break;
-            }
-            out.push(f(&k));
+        for item in self.tag_iter(tag) {
+            let (k, v) = item?;
+            out.push(f(&k, &v)?);
         }
         Ok(out)
     }
@@ -365,31 +360,18 @@ impl Namespace {
 
     /// Every member: id, peer address, whether it is a witness.
     pub fn members(&self) -> Result<Vec<Member>> {
-        let iter = self.tag_iter(b'm');
-        let mut out = Vec::new();
-        for item in iter {
-            let (k, v) = item?;
-            if k[0] != b'm' {
-                break;
-            }
-            out.push(decode(&k, &v)?);
-        }
-        Ok(out)
+        self.scan_tag(b'm', decode)
     }
 
     /// Every inode number in use.
     pub fn inode_numbers(&self) -> Result<Vec<u64>> {
-        self.scan_tag(b'i', |k| read_be(&k[1..]))
+        self.scan_tag(b'i', |k, _| Ok(read_be(&k[1..])))
     }
 
     /// Every chunk the namespace references (the `r` counts), for a node
     /// that must check which of them it holds.
     pub fn referenced_chunks(&self) -> Result<Vec<Hash>> {
-        self.scan_tag(b'r', |k| {
-            let mut h = [0u8; 32];
-            h.copy_from_slice(&k[1..33]);
-            h
-        })
+        self.scan_tag(b'r', |k, _| Ok(hash_in(k)))
     }
 
     /// Applies one command; the returned outcome is what the proposer's

@@ -57,19 +57,23 @@ impl RemoteChanges {
         std::thread::Builder::new()
             .name("invalidate".into())
             .spawn(move || {
-                // (due, resends left, invalidation), in due order.
-                let mut again: VecDeque<(Instant, usize, Invalidation)> = VecDeque::new();
+                // One queue per resend: each delay is fixed, so each queue
+                // is in due order as it is filled.
+                let mut again: [VecDeque<(Instant, Invalidation)>; RESEND_AFTER.len()] =
+                    Default::default();
                 loop {
-                    let wait = again
-                        .front()
-                        .map_or(Duration::from_secs(3600), |(due, _, _)| {
-                            due.saturating_duration_since(Instant::now())
-                        });
+                    let next = (0..again.len())
+                        .filter_map(|stage| again[stage].front().map(|(due, _)| (*due, stage)))
+                        .min();
+                    let wait = next.map_or(Duration::from_secs(3600), |(due, _)| {
+                        due.saturating_duration_since(Instant::now())
+                    });
                     let (inval, sent) = match rx.recv_timeout(wait) {
                         Ok(inval) => (inval, 0),
                         Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                            let (_, sent, inval) = again.pop_front().expect("a due resend");
-                            (inval, sent)
+                            let (_, stage) = next.expect("a resend is due");
+                            let (_, inval) = again[stage].pop_front().expect("a due resend");
+                            (inval, stage + 1)
                         }
                         Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
                     };
@@ -77,8 +81,7 @@ impl RemoteChanges {
                         send(notifier, &namespace, inval.clone());
                     }
                     if let Some(delay) = RESEND_AFTER.get(sent) {
-                        again.push_back((Instant::now() + *delay, sent + 1, inval));
-                        again.make_contiguous().sort_by_key(|(due, _, _)| *due);
+                        again[sent].push_back((Instant::now() + *delay, inval));
                     }
                 }
             })

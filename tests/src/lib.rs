@@ -287,6 +287,40 @@ impl Node {
     }
 }
 
+/// `cp -a source dest`, failing the test with cp's complaint.
+pub fn copy_tree(source: &Path, dest: &Path) {
+    let out = Command::new("cp")
+        .arg("-a")
+        .arg(source)
+        .arg(dest)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cp -a: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `diff -r --no-dereference`: `copy` holds exactly `source` (symlinks
+/// compared as links, so relative ones pointing outside are fine).
+pub fn diff_clean(source: &Path, copy: &Path) {
+    let out = Command::new("diff")
+        .arg("-r")
+        .arg("--no-dereference")
+        .arg(source)
+        .arg(copy)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "diff -r {} {} found differences:\n{}",
+        source.display(),
+        copy.display(),
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
 /// Polls `cond` every 20 ms until it holds; panics naming `what` after `timeout`.
 pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;

@@ -10,10 +10,11 @@
 
 use std::fs;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
-use wpfs_tests::{fuse_available, s, tree, wait_until, wpfs, wpfs_ok, Cluster};
+use wpfs_tests::{
+    copy_tree, diff_clean, fuse_available, s, tree, wait_until, wpfs, wpfs_ok, Cluster,
+};
 
 const CONVERGE: Duration = Duration::from_secs(20);
 
@@ -108,27 +109,10 @@ fn a_wordpress_tree_copied_on_one_node_diffs_clean_on_the_others() {
         return;
     }
     let cluster = Cluster::start(3);
-    let out = Command::new("cp")
-        .args(["-a", s(source), s(&cluster.node(2).path("wp"))])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "cp -a: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    copy_tree(source, &cluster.node(2).path("wp"));
     converged(&cluster, "wp");
     for node in &cluster.nodes {
-        let out = Command::new("diff")
-            .args(["-r", "--no-dereference", s(source), s(&node.path("wp"))])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "diff -r on {}: {}",
-            node.mnt.display(),
-            String::from_utf8_lossy(&out.stdout)
-        );
+        diff_clean(source, &node.path("wp"));
     }
 }
 

@@ -6,9 +6,11 @@
 //! - `namespace`: the deterministic state machine (inodes, entries, chunk slots);
 //! - `node`: the driver thread running the RawNode loop and taking proposals;
 //! - `snapshot`: the namespace as a file, for nodes that fell behind the log;
-//! - `transport`: the links between the nodes; `tls`: their mutual TLS.
+//! - `transport`: the links between the nodes; `tls`: their mutual TLS;
+//! - `mailbox`: the queues between threads.
 
 mod logger;
+pub mod mailbox;
 pub mod namespace;
 pub mod node;
 pub mod raft_log;

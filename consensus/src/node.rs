@@ -30,12 +30,12 @@
 //! `durable` entry (an `fsync()`), when the term or vote changes (Raft's
 //! safety needs that on disk), or at the latest `sync_interval` after it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crate::mailbox::{self, Receiver, RecvError, Sender};
 use parking_lot::Mutex;
 use raft::eraftpb::{
     ConfChange, ConfChangeType, ConfChangeV2, Entry, EntryType, Message as RaftMessage,
@@ -62,6 +62,9 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// The caller waits this much longer than its deadline, so that the
 /// driver, which knows why nothing happened, gives the answer.
 const ANSWER_GRACE: Duration = Duration::from_secs(1);
+/// How long the leader waits for an append to carry a new commit index to
+/// the followers before it sends one for that alone (`announce_commit`).
+const ANNOUNCE_DELAY: Duration = Duration::from_millis(2);
 
 /// What the filesystem layer learns from the driver as the log is applied.
 /// Called on the driver thread: implementations hand work off and return.
@@ -206,6 +209,9 @@ impl Node {
             max_inflight_msgs: 256,
             check_quorum: true,
             pre_vote: true,
+            // Commits are announced by `announce_commit`, not by an extra
+            // append per entry.
+            skip_bcast_commit: true,
             ..Default::default()
         };
         raft_config.validate().map_err(|e| e.to_string())?;
@@ -222,7 +228,7 @@ impl Node {
             }),
             observer: Mutex::new(None),
         });
-        let (tx, rx) = crossbeam_channel::unbounded();
+        let (tx, rx) = mailbox::unbounded();
         let driver = Driver {
             id: config.id,
             raw,
@@ -234,6 +240,9 @@ impl Node {
             transport,
             shared: shared.clone(),
             unsynced_since: None,
+            told_commit: HashMap::new(),
+            untold_since: None,
+            announce_now: false,
             config: config.clone(),
         };
         let thread = std::thread::Builder::new()
@@ -276,7 +285,7 @@ impl Node {
             oldest_pending: 0, // set by the driver, which knows what waits
             op: Some(op),
         };
-        let (reply, rx) = crossbeam_channel::bounded(1);
+        let (reply, rx) = mailbox::bounded(1);
         self.requests
             .send(Request::Propose {
                 cmd,
@@ -314,7 +323,7 @@ impl Node {
         member: Member,
         timeout: Duration,
     ) -> Result<(), ProposeError> {
-        let (reply, rx) = crossbeam_channel::bounded(1);
+        let (reply, rx) = mailbox::bounded(1);
         self.requests
             .send(Request::ChangeMember {
                 change,
@@ -354,8 +363,8 @@ impl Node {
 fn wait<T>(rx: &Receiver<Result<T, ProposeError>>, timeout: Duration) -> Result<T, ProposeError> {
     match rx.recv_timeout(timeout) {
         Ok(r) => r,
-        Err(RecvTimeoutError::Timeout) => Err(ProposeError::Timeout(timeout)),
-        Err(RecvTimeoutError::Disconnected) => Err(ProposeError::Stopped),
+        Err(RecvError::Timeout) => Err(ProposeError::Timeout(timeout)),
+        Err(RecvError::Closed) => Err(ProposeError::Stopped),
     }
 }
 
@@ -390,6 +399,13 @@ struct Driver {
     transport: Option<Transport>,
     shared: Arc<Shared>,
     unsynced_since: Option<Instant>,
+    /// Leader: the highest commit index sent to each peer.
+    told_commit: HashMap<u64, u64>,
+    /// Leader: since when some peer holds committed entries it has not
+    /// been told are committed.
+    untold_since: Option<Instant>,
+    /// Leader: a follower's proposal committed; it waits to hear so.
+    announce_now: bool,
     config: NodeConfig,
 }
 
@@ -397,13 +413,16 @@ impl Driver {
     fn run(mut self, requests: Receiver<Request>) {
         let mut last_tick = Instant::now();
         loop {
-            let wait = self.config.tick.saturating_sub(last_tick.elapsed());
+            let mut wait = self.config.tick.saturating_sub(last_tick.elapsed());
+            if let Some(since) = self.untold_since {
+                wait = wait.min(ANNOUNCE_DELAY.saturating_sub(since.elapsed()));
+            }
             match requests.recv_timeout(wait) {
-                Ok(Request::Stop) | Err(RecvTimeoutError::Disconnected) => break,
+                Ok(Request::Stop) | Err(RecvError::Closed) => break,
                 Ok(req) => {
                     self.handle(req);
                     // Take everything already queued into the same Ready.
-                    while let Ok(req) = requests.try_recv() {
+                    while let Some(req) = requests.try_recv() {
                         if let Request::Stop = req {
                             self.finish();
                             return;
@@ -411,14 +430,14 @@ impl Driver {
                         self.handle(req);
                     }
                 }
-                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvError::Timeout) => {}
             }
             if last_tick.elapsed() >= self.config.tick {
                 self.raw.tick();
                 last_tick = Instant::now();
                 self.housekeeping();
             }
-            if let Err(e) = self.on_ready() {
+            if let Err(e) = self.on_ready().and_then(|_| self.announce_commit()) {
                 self.fail(e);
                 break;
             }
@@ -645,11 +664,49 @@ impl Driver {
         Ok(())
     }
 
+    /// Tells followers the commit index when no append carried it.
+    ///
+    /// raft-rs would follow every commit with an empty append to each peer
+    /// (and each peer answers it): half of all Raft traffic while a tar is
+    /// extracted one file at a time. Instead the next append carries the
+    /// new commit index, and only when none went out within
+    /// `ANNOUNCE_DELAY` (the writer paused) is the commit broadcast; at
+    /// once when a follower proposed the entry, as it waits for its own
+    /// apply to answer its caller.
+    fn announce_commit(&mut self) -> Result<(), String> {
+        let raft = &self.raw.raft;
+        let at_once = std::mem::take(&mut self.announce_now);
+        if raft.state != StateRole::Leader {
+            self.untold_since = None;
+            return Ok(());
+        }
+        let committed = raft.raft_log.committed;
+        let untold = raft.prs().iter().any(|(id, p)| {
+            *id != self.id
+                && self.told_commit.get(id).copied().unwrap_or(0) < committed.min(p.matched)
+        });
+        if !untold {
+            self.untold_since = None;
+            return Ok(());
+        }
+        let since = *self.untold_since.get_or_insert_with(Instant::now);
+        if at_once || since.elapsed() >= ANNOUNCE_DELAY {
+            self.untold_since = None;
+            self.raw.raft.bcast_append();
+            self.on_ready()?;
+        }
+        Ok(())
+    }
+
     fn send(&mut self, msgs: Vec<RaftMessage>) {
         let Some(transport) = &self.transport else {
             return;
         };
         for msg in msgs {
+            if msg.msg_type == MessageType::MsgAppend as i32 {
+                let told = self.told_commit.entry(msg.to).or_default();
+                *told = (*told).max(msg.commit);
+            }
             let (to, is_snapshot) = (msg.to, msg.msg_type == MessageType::MsgSnapshot as i32);
             if !transport.send_raft(&msg) {
                 if is_snapshot {
@@ -746,6 +803,8 @@ impl Driver {
             if let Some(p) = self.pending.remove(&cmd.request_id) {
                 let _ = p.reply.send(Ok(outcome));
             }
+        } else {
+            self.announce_now = true;
         }
         Ok(())
     }

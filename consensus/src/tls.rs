@@ -11,10 +11,16 @@
 //!
 //! `TlsStream` lets one thread read while others write the same connection:
 //! rustls' state is under a lock that is never held while blocking on the
-//! socket, and a second lock keeps encrypted records in order on the wire.
+//! socket. Writers never block either (`send_now`): what the socket does
+//! not take at once waits, in order, in a backlog that the link's own
+//! thread writes out (`flush`). So the Raft driver can put its messages on
+//! the wire itself, without a hand-off to another thread per message, and
+//! a peer that stops reading (frozen, or its network cut) fills a bounded
+//! backlog and is then reported unreachable instead of stalling the sender.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -128,12 +134,34 @@ fn ed25519_pkcs8(seed: &[u8; 32]) -> Vec<u8> {
     der
 }
 
+/// Encrypted bytes a peer has not taken yet, beyond which `send_now`
+/// refuses more: it is not reading.
+const BACKLOG_LIMIT: usize = 32 << 20;
+
 /// One TLS connection, readable and writable from different threads.
 pub struct TlsStream {
     sock: TcpStream,
     state: Mutex<TlsState>,
-    /// Held while encrypted bytes go to the socket, so records stay in order.
-    send: Mutex<()>,
+    /// Held while bytes are encrypted and handed to the socket, so records
+    /// stay in order on the wire. Lock order: `out`, then `state`.
+    out: Mutex<Outbox>,
+}
+
+/// Encrypted bytes that the socket would not take without blocking.
+#[derive(Default)]
+struct Outbox {
+    backlog: Vec<u8>,
+    /// A `flush` is writing (part of) the backlog out right now.
+    flushing: bool,
+}
+
+/// Where the bytes given to `send_now` are.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Sent {
+    /// All handed to the kernel.
+    Done,
+    /// Some wait in the backlog: `flush` must run.
+    Queued,
 }
 
 struct TlsState {
@@ -157,7 +185,7 @@ impl TlsStream {
                 conn,
                 received: Vec::new(),
             }),
-            send: Mutex::new(()),
+            out: Mutex::new(Outbox::default()),
         }))
     }
 
@@ -180,7 +208,7 @@ impl TlsStream {
 
     fn read_plain(&self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
-            let mut reply = None;
+            let reply;
             {
                 let mut st = self.state.lock();
                 let st = &mut *st;
@@ -198,16 +226,11 @@ impl TlsStream {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => return Err(e),
                 }
-                // Rare replies of TLS itself (alerts, key updates) go out
-                // now if no writer is busy, else with the next write.
-                if st.conn.wants_write() {
-                    if let Some(send) = self.send.try_lock() {
-                        reply = Some((send, Self::pending(&mut st.conn)?));
-                    }
-                }
+                // Rare replies of TLS itself (alerts, key updates).
+                reply = st.conn.wants_write();
             }
-            if let Some((_send, out)) = reply {
-                (&self.sock).write_all(&out)?;
+            if reply {
+                self.write_all(&[])?;
             }
             // Wait for the socket without holding the lock: writers go on.
             let mut raw = [0u8; 16 * 1024];
@@ -219,15 +242,85 @@ impl TlsStream {
         }
     }
 
-    fn write_plain(&self, buf: &[u8]) -> io::Result<usize> {
-        let _send = self.send.lock();
-        let out = {
+    /// Encrypts `plain` and hands the kernel what it takes without
+    /// blocking; the rest waits for `flush`. Refuses (`WouldBlock`) while
+    /// the backlog is over its limit: the peer is not reading.
+    pub fn send_now(&self, plain: &[u8]) -> io::Result<Sent> {
+        let mut out = self.out.lock();
+        if out.backlog.len() > BACKLOG_LIMIT {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "the peer is not reading (send backlog full)",
+            ));
+        }
+        let bytes = {
             let mut st = self.state.lock();
-            st.conn.writer().write_all(buf)?;
+            st.conn.writer().write_all(plain)?;
             Self::pending(&mut st.conn)?
         };
-        (&self.sock).write_all(&out)?;
-        Ok(buf.len())
+        if out.flushing || !out.backlog.is_empty() {
+            out.backlog.extend_from_slice(&bytes);
+            return Ok(Sent::Queued);
+        }
+        let mut rest = &bytes[..];
+        while !rest.is_empty() {
+            // SAFETY: a valid socket and a valid buffer of that length.
+            let n = unsafe {
+                libc::send(
+                    self.sock.as_raw_fd(),
+                    rest.as_ptr().cast(),
+                    rest.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::Interrupted => continue,
+                    io::ErrorKind::WouldBlock => break,
+                    _ => return Err(e),
+                }
+            }
+            rest = &rest[n as usize..];
+        }
+        if rest.is_empty() {
+            return Ok(Sent::Done);
+        }
+        out.backlog.extend_from_slice(rest);
+        Ok(Sent::Queued)
+    }
+
+    /// Writes the backlog out, blocking; returns at once if another thread
+    /// is doing it (that one writes what is queued meanwhile too).
+    pub fn flush(&self) -> io::Result<()> {
+        let mut out = self.out.lock();
+        if out.flushing {
+            return Ok(());
+        }
+        loop {
+            if out.backlog.is_empty() {
+                out.flushing = false;
+                return Ok(());
+            }
+            let bytes = std::mem::take(&mut out.backlog);
+            out.flushing = true;
+            drop(out);
+            let written = (&self.sock).write_all(&bytes);
+            out = self.out.lock();
+            if let Err(e) = written {
+                out.flushing = false;
+                return Err(e);
+            }
+        }
+    }
+
+    /// Sends `plain`, blocking until it is on the wire (or another thread
+    /// is writing the backlog that holds it).
+    pub fn write_all(&self, plain: &[u8]) -> io::Result<()> {
+        if self.send_now(plain)? == Sent::Queued {
+            self.flush()?;
+        }
+        Ok(())
     }
 }
 
@@ -243,7 +336,7 @@ impl Read for TlsHalf {
 
 impl Write for TlsHalf {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.write_plain(buf)
+        self.0.write_all(buf).map(|_| buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {

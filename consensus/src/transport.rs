@@ -8,11 +8,13 @@
 //! than an async runtime. One protocol, one port.
 //!
 //! Connections: this node dials one outbound connection per peer address
-//! (a `Link`, with a writer thread and a reader thread for responses) and
-//! accepts inbound ones (a reader thread each, answering requests on the
-//! same socket). Raft messages travel on the sender's outbound link; a
-//! message to a peer that is down is dropped at once (Raft retries), never
-//! queued behind a dead socket.
+//! (a `Link`, with a thread that dials and writes out backlogs, and a
+//! reader thread for responses) and accepts inbound ones (a reader thread
+//! each, answering requests on the same socket). Raft messages travel on
+//! the sender's outbound link, written by the sending thread itself
+//! without blocking (`TlsStream::send_now`); a message to a peer that is
+//! down or not reading is dropped at once (Raft retries), never queued
+//! behind a dead socket.
 //!
 //! Authentication: every connection is TLS 1.3 with certificates of the
 //! cluster CA on both ends (`tls`); inside it, both ends also prove they
@@ -22,19 +24,19 @@
 //! logged and disconnected; nothing it sent is acted on.
 
 use std::collections::HashMap;
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crate::mailbox::{self, Receiver, RecvError, Sender};
 use parking_lot::{Mutex, RwLock};
 use wpfs_proto::peer_frame::Body;
 use wpfs_proto::peer_request::Kind;
 use wpfs_proto::{Challenge, Hello, Message, PeerFrame, PeerRequest, PeerResponse};
 
-use crate::tls::{PeerTls, TlsHalf, TlsStream};
+use crate::tls::{PeerTls, Sent, TlsHalf, TlsStream};
 
 /// The largest frame accepted: a snapshot piece or a batch of Raft entries
 /// is far smaller; anything bigger is garbage.
@@ -44,8 +46,6 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// An inbound connection silent this long is closed; its dialer reconnects.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const RECONNECT_DELAY: Duration = Duration::from_millis(200);
-/// Frames waiting for a link's writer; more are dropped (Raft resends).
-const QUEUE_FRAMES: usize = 4096;
 /// In the error of a call to a peer that refused this node's credentials.
 pub const REFUSED: &str =
     "refused by the peer: this node's cluster id or secret is not its cluster's";
@@ -157,14 +157,14 @@ impl Transport {
             return false;
         };
         let link = self.inner.link(&addr);
-        if !link.connected.load(Ordering::Relaxed) {
-            link.wake();
+        let Some(stream) = link.stream() else {
+            link.wake(); // dial now
             return false;
-        }
+        };
         let frame = PeerFrame {
             body: Some(Body::Raft(prost011::Message::encode_to_vec(msg))),
         };
-        link.push(frame.encode_to_vec())
+        link.send(&stream, &framed(&frame)).is_ok()
     }
 
     /// Sends a request to node `to` and waits for its answer.
@@ -177,34 +177,43 @@ impl Transport {
 
     /// Sends a request to whoever listens at `addr`.
     pub fn call_addr(&self, addr: &str, kind: Kind, timeout: Duration) -> Result<Vec<u8>, String> {
+        let deadline = Instant::now() + timeout;
         let link = self.inner.link(addr);
-        let id = self.inner.next_request.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        link.pending.lock().insert(id, tx);
-        let frame = PeerFrame {
-            body: Some(Body::Request(PeerRequest {
-                id,
-                kind: Some(kind),
-            })),
-        };
-        link.wake();
-        if !link.push(frame.encode_to_vec()) {
-            link.pending.lock().remove(&id);
-            return Err(format!("{addr}: too many requests queued"));
-        }
-        let answer = rx.recv_timeout(timeout);
+        let stream = link
+            .connected_by(deadline)
+            .ok_or_else(|| link.unreachable())?;
+        let (tx, rx) = mailbox::bounded(1);
+        let id = self.inner.request(&link, &stream, kind, tx)?;
+        let answer = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
         link.pending.lock().remove(&id);
         match answer {
             Ok(r) if r.error.is_empty() => Ok(r.data),
             Ok(r) => Err(r.error),
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                Err(format!("{addr} did not answer within {timeout:?}"))
-            }
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err(format!(
-                "{addr} is unreachable: {}",
-                link.last_error.lock().clone().unwrap_or_default()
-            )),
+            Err(RecvError::Timeout) => Err(format!("{addr} did not answer within {timeout:?}")),
+            Err(RecvError::Closed) => Err(link.unreachable()),
         }
+    }
+
+    /// Sends the same request to every connected node of `peers` at once,
+    /// without waiting: `Calls::wait` collects the answers. For pushes that
+    /// need a few copies and must not wait for the slowest peer.
+    pub fn ask_all(&self, peers: &[u64], kind: &Kind) -> Calls {
+        let (tx, answers) = mailbox::unbounded();
+        let mut asked = Vec::new();
+        for &peer in peers {
+            let Some(addr) = self.address(peer) else {
+                continue;
+            };
+            let link = self.inner.link(&addr);
+            let Some(stream) = link.stream() else {
+                continue;
+            };
+            match self.inner.request(&link, &stream, kind.clone(), tx.clone()) {
+                Ok(id) => asked.push((link, id)),
+                Err(e) => tracing::debug!("request to node {peer}: {e}"),
+            }
+        }
+        Calls { asked, answers }
     }
 
     /// Every peer link, by node id.
@@ -216,7 +225,7 @@ impl Transport {
             .map(|(id, addr)| {
                 let link = links.get(&addr);
                 let status = LinkStatus {
-                    connected: link.is_some_and(|l| l.connected.load(Ordering::Relaxed)),
+                    connected: link.is_some_and(|l| l.stream().is_some()),
                     last_error: link.and_then(|l| l.last_error.lock().clone()),
                     addr,
                 };
@@ -227,44 +236,60 @@ impl Transport {
 }
 
 impl Inner {
+    /// Sends a request on `link`; its answer will go to `reply`.
+    fn request(
+        &self,
+        link: &Link,
+        stream: &TlsStream,
+        kind: Kind,
+        reply: Sender<PeerResponse>,
+    ) -> Result<u64, String> {
+        let id = self.next_request.fetch_add(1, Ordering::Relaxed);
+        link.pending.lock().insert(id, reply);
+        let frame = PeerFrame {
+            body: Some(Body::Request(PeerRequest {
+                id,
+                kind: Some(kind),
+            })),
+        };
+        link.send(stream, &framed(&frame)).map_err(|e| {
+            link.pending.lock().remove(&id);
+            format!("{}: {e}", link.addr)
+        })?;
+        Ok(id)
+    }
+
     fn link(self: &Arc<Self>, addr: &str) -> Arc<Link> {
         let mut links = self.links.lock();
         if let Some(l) = links.get(addr) {
             return l.clone();
         }
-        let (tx, rx) = crossbeam_channel::bounded(QUEUE_FRAMES);
-        let (wake_tx, wake_rx) = crossbeam_channel::bounded(1);
+        let (wake_tx, wake_rx) = mailbox::bounded(1);
         let link = Arc::new(Link {
             addr: addr.to_string(),
-            queue: tx,
             wake: wake_tx,
+            stream: Mutex::new(None),
             pending: Mutex::new(HashMap::new()),
-            connected: AtomicBool::new(false),
             last_error: Mutex::new(None),
         });
         links.insert(addr.to_string(), link.clone());
         let (inner, l) = (self.clone(), link.clone());
         let _ = std::thread::Builder::new()
             .name(format!("peer-out {addr}"))
-            .spawn(move || inner.dial_loop(&l, rx, wake_rx));
+            .spawn(move || inner.dial_loop(&l, wake_rx));
         link
     }
 
-    /// Keeps the link to one address connected and writes its frames.
-    fn dial_loop(
-        self: &Arc<Self>,
-        link: &Arc<Link>,
-        frames: Receiver<Vec<u8>>,
-        wake: Receiver<()>,
-    ) {
+    /// Keeps the link to one address connected and writes out its backlog.
+    fn dial_loop(self: &Arc<Self>, link: &Arc<Link>, wake: Receiver<()>) {
         loop {
             match self.dial(&link.addr) {
                 Ok((stream, peer)) => {
                     *link.last_error.lock() = None;
-                    link.connected.store(true, Ordering::Relaxed);
+                    *link.stream.lock() = Some(stream.clone());
                     tracing::info!("connected to node {peer} at {}", link.addr);
-                    let why = self.serve_link(link, stream, &frames);
-                    link.connected.store(false, Ordering::Relaxed);
+                    let why = self.serve_link(link, stream, &wake);
+                    *link.stream.lock() = None;
                     tracing::warn!("lost node {peer} at {}: {why}", link.addr);
                     *link.last_error.lock() = Some(why);
                 }
@@ -276,8 +301,6 @@ impl Inner {
                     *link.last_error.lock() = Some(why);
                 }
             }
-            // Nothing queued for a dead link is worth sending later.
-            while frames.try_recv().is_ok() {}
             link.pending.lock().clear();
             let _ = wake.recv_timeout(RECONNECT_DELAY);
             std::thread::sleep(RECONNECT_DELAY / 4);
@@ -299,7 +322,6 @@ impl Inner {
             .connect(sock)
             .map_err(|e| tls_refusal(&e.to_string()))?;
         let mut r = BufReader::new(TlsHalf(stream.clone()));
-        let mut w = BufWriter::new(TlsHalf(stream.clone()));
         // With TLS 1.3 the server judges our certificate after we finished
         // the handshake: its verdict arrives as the first read.
         let first = read_frame(&mut r).map_err(|e| tls_refusal(&e))?;
@@ -309,7 +331,7 @@ impl Inner {
         let nonce = random_nonce();
         let hello = self.hello(&ch.nonce, nonce.to_vec());
         write_frame(
-            &mut w,
+            &stream,
             &PeerFrame {
                 body: Some(Body::Hello(hello)),
             },
@@ -358,14 +380,10 @@ impl Inner {
             && constant_time_eq(&self.proof(my_nonce, hello), &hello.proof)
     }
 
-    /// Writes queued frames until the connection fails; a reader thread
-    /// hands responses to their callers meanwhile.
-    fn serve_link(
-        &self,
-        link: &Arc<Link>,
-        stream: Arc<TlsStream>,
-        frames: &Receiver<Vec<u8>>,
-    ) -> String {
+    /// Writes out what senders left in the backlog, whenever they wake it,
+    /// until the connection fails; a reader thread hands responses to their
+    /// callers meanwhile.
+    fn serve_link(&self, link: &Arc<Link>, stream: Arc<TlsStream>, wake: &Receiver<()>) -> String {
         let reader = TlsHalf(stream.clone());
         let dead = Arc::new(AtomicBool::new(false));
         let (l, d) = (link.clone(), dead.clone());
@@ -382,27 +400,17 @@ impl Inner {
                 }
                 d.store(true, Ordering::Relaxed);
             });
-        let mut w = BufWriter::new(TlsHalf(stream.clone()));
         let why = loop {
             if dead.load(Ordering::Relaxed) {
                 break "connection closed by the peer".to_string();
             }
-            match frames.recv_timeout(Duration::from_millis(100)) {
-                Ok(frame) => {
-                    let mut result = write_raw(&mut w, &frame);
-                    // Write everything already queued before one flush.
-                    while result.is_ok() {
-                        match frames.try_recv() {
-                            Ok(f) => result = write_raw(&mut w, &f),
-                            Err(_) => break,
-                        }
-                    }
-                    if let Err(e) = result.and_then(|_| w.flush().map_err(|e| e.to_string())) {
-                        break e;
+            match wake.recv_timeout(Duration::from_millis(100)) {
+                Ok(()) | Err(RecvError::Timeout) => {
+                    if let Err(e) = stream.flush() {
+                        break e.to_string();
                     }
                 }
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break "stopped".into(),
+                Err(RecvError::Closed) => break "stopped".into(),
             }
         };
         stream.shutdown();
@@ -440,10 +448,9 @@ impl Inner {
             e.to_string()
         })?;
         let mut r = BufReader::new(TlsHalf(stream.clone()));
-        let writer = Arc::new(Mutex::new(BufWriter::new(TlsHalf(stream.clone()))));
         let nonce = random_nonce();
         write_frame(
-            &mut *writer.lock(),
+            &stream,
             &PeerFrame {
                 body: Some(Body::Challenge(Challenge {
                     nonce: nonce.to_vec(),
@@ -458,7 +465,7 @@ impl Inner {
                 tracing::warn!("refused a peer connection from {from}: it failed authentication (wrong cluster or join token)");
                 // An empty hello tells an honest but misconfigured node why.
                 let _ = write_frame(
-                    &mut *writer.lock(),
+                    &stream,
                     &PeerFrame {
                         body: Some(Body::Hello(Hello::default())),
                     },
@@ -472,7 +479,7 @@ impl Inner {
         };
         let peer = hello.node_id;
         write_frame(
-            &mut *writer.lock(),
+            &stream,
             &PeerFrame {
                 body: Some(Body::Hello(self.hello(&hello.nonce, vec![]))),
             },
@@ -499,7 +506,7 @@ impl Inner {
                         req.kind,
                         Some(Kind::FetchChunk(_) | Kind::StoreChunks(_) | Kind::SnapshotPiece(_))
                     );
-                    let answer = move |handler: &Arc<dyn Handler>, writer: &Mutex<_>| {
+                    let answer = move |handler: &Arc<dyn Handler>, stream: &TlsStream| {
                         let resp = match req.kind {
                             Some(kind) => match handler.request(peer, kind) {
                                 Ok(data) => PeerResponse {
@@ -520,7 +527,7 @@ impl Inner {
                             },
                         };
                         let _ = write_frame(
-                            &mut *writer.lock(),
+                            stream,
                             &PeerFrame {
                                 body: Some(Body::Response(resp)),
                             },
@@ -529,12 +536,12 @@ impl Inner {
                     if quick {
                         // Local reads and writes: answered in line, saving a
                         // thread hop on every close() and chunk fetch.
-                        answer(handler, &writer);
+                        answer(handler, &stream);
                     } else {
-                        let (handler, writer) = (handler.clone(), writer.clone());
+                        let (handler, stream) = (handler.clone(), stream.clone());
                         let _ = std::thread::Builder::new()
                             .name("peer-request".into())
-                            .spawn(move || answer(&handler, &writer));
+                            .spawn(move || answer(&handler, &stream));
                     }
                 }
                 _ => return Err(format!("node {peer} sent an unexpected frame")),
@@ -543,26 +550,98 @@ impl Inner {
     }
 }
 
+/// Requests in flight to several peers (`Transport::ask_all`).
+pub struct Calls {
+    asked: Vec<(Arc<Link>, u64)>,
+    answers: Receiver<PeerResponse>,
+}
+
+impl Calls {
+    /// How many peers answered without error: returns as soon as `enough`
+    /// did, or all answered, or `timeout` passed.
+    pub fn wait(self, enough: usize, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        let (mut answered, mut ok) = (0, 0);
+        while ok < enough && answered < self.asked.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(r) = self.answers.recv_timeout(left) else {
+                break; // timed out, or every link dropped its call
+            };
+            answered += 1;
+            if r.error.is_empty() {
+                ok += 1;
+            } else {
+                tracing::debug!("a peer refused a request: {}", r.error);
+            }
+        }
+        ok
+    }
+}
+
+impl Drop for Calls {
+    fn drop(&mut self) {
+        for (link, id) in &self.asked {
+            link.pending.lock().remove(id);
+        }
+    }
+}
+
 struct Link {
     addr: String,
-    queue: Sender<Vec<u8>>,
+    /// Wakes the link's thread: to dial at once, or to write the backlog.
     wake: Sender<()>,
+    /// The connection, while there is one.
+    stream: Mutex<Option<Arc<TlsStream>>>,
     pending: Mutex<HashMap<u64, Sender<PeerResponse>>>,
-    connected: AtomicBool,
     last_error: Mutex<Option<String>>,
 }
 
 impl Link {
-    fn push(&self, frame: Vec<u8>) -> bool {
-        match self.queue.try_send(frame) {
-            Ok(()) => true,
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => false,
+    fn stream(&self) -> Option<Arc<TlsStream>> {
+        self.stream.lock().clone()
+    }
+
+    fn unreachable(&self) -> String {
+        format!(
+            "{} is unreachable: {}",
+            self.addr,
+            self.last_error.lock().clone().unwrap_or_default()
+        )
+    }
+
+    /// The connection, waiting for the link to (re)connect until `deadline`.
+    fn connected_by(&self, deadline: Instant) -> Option<Arc<TlsStream>> {
+        loop {
+            if let Some(stream) = self.stream() {
+                return Some(stream);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            self.wake();
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
-    /// Cuts the reconnect delay short: someone wants to talk to this peer.
+    /// Puts a whole frame on `stream` without blocking the caller.
+    fn send(&self, stream: &TlsStream, frame: &[u8]) -> Result<(), String> {
+        match stream.send_now(frame) {
+            Ok(Sent::Done) => Ok(()),
+            Ok(Sent::Queued) => {
+                self.wake(); // the link's thread writes the rest
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Err(e.to_string()),
+            Err(e) => {
+                stream.shutdown(); // its threads notice and reconnect
+                Err(e.to_string())
+            }
+        }
+    }
+
+    /// Cuts the reconnect delay short, or has the backlog written.
     fn wake(&self) {
-        let _ = self.wake.try_send(());
+        let _ = self.wake.send(());
     }
 }
 
@@ -595,15 +674,18 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn write_frame(w: &mut impl Write, frame: &PeerFrame) -> Result<(), String> {
-    write_raw(w, &frame.encode_to_vec())?;
-    w.flush().map_err(|e| e.to_string())
+/// A frame as it goes on the wire: its length, then its bytes.
+fn framed(frame: &PeerFrame) -> Vec<u8> {
+    let body = frame.encode_to_vec();
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
 }
 
-fn write_raw(w: &mut impl Write, bytes: &[u8]) -> Result<(), String> {
-    w.write_all(&(bytes.len() as u32).to_be_bytes())
-        .and_then(|_| w.write_all(bytes))
-        .map_err(|e| e.to_string())
+/// Writes a whole frame, blocking until it is on its way.
+fn write_frame(stream: &TlsStream, frame: &PeerFrame) -> Result<(), String> {
+    stream.write_all(&framed(frame)).map_err(|e| e.to_string())
 }
 
 fn read_frame(r: &mut impl Read) -> Result<PeerFrame, String> {

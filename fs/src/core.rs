@@ -594,7 +594,7 @@ impl FsCore {
             .filter_map(|c| Hash::try_from(&c.hash[..]).ok())
             .collect();
         // The copies travel while the command commits; close() returns
-        // when both are done. A one-node cluster has nowhere to copy to.
+        // when both are done.
         let placer = self
             .replicator
             .get()

@@ -19,7 +19,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Sender;
+use wpfs_consensus::mailbox::{self, RecvError, Sender};
 use wpfs_consensus::namespace::{Hash, Namespace};
 use wpfs_consensus::ApplyObserver;
 use wpfs_proto::{Command, Op, Outcome};
@@ -51,7 +51,7 @@ impl RemoteChanges {
         namespace: Namespace,
         replicator: Option<Arc<Replicator>>,
     ) -> Arc<RemoteChanges> {
-        let (tx, rx) = crossbeam_channel::unbounded::<Invalidation>();
+        let (tx, rx) = mailbox::unbounded::<Invalidation>();
         let notifier: Arc<OnceLock<fuser::Notifier>> = Arc::new(OnceLock::new());
         let n = notifier.clone();
         std::thread::Builder::new()
@@ -70,12 +70,12 @@ impl RemoteChanges {
                     });
                     let (inval, sent) = match rx.recv_timeout(wait) {
                         Ok(inval) => (inval, 0),
-                        Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                        Err(RecvError::Timeout) => {
                             let (_, stage) = next.expect("a resend is due");
                             let (_, inval) = again[stage].pop_front().expect("a due resend");
                             (inval, stage + 1)
                         }
-                        Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+                        Err(RecvError::Closed) => return,
                     };
                     if let Some(notifier) = n.get() {
                         send(notifier, &namespace, inval.clone());

@@ -23,9 +23,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
+use wpfs_consensus::mailbox::{self, Receiver, Sender};
 use wpfs_consensus::namespace::{Hash, Namespace};
+use wpfs_consensus::transport::Calls;
 use wpfs_consensus::Transport;
 use wpfs_proto::peer_request::Kind;
 use wpfs_proto::StoreChunks;
@@ -89,7 +90,7 @@ impl Replicator {
         namespace: Namespace,
         config: ReplicationConfig,
     ) -> Arc<Replicator> {
-        let (tx, rx) = crossbeam_channel::unbounded();
+        let (tx, rx) = mailbox::unbounded();
         let r = Arc::new(Replicator {
             transport,
             chunks,
@@ -109,7 +110,7 @@ impl Replicator {
             std::thread::Builder::new()
                 .name(format!("replicate-{i}"))
                 .spawn(move || {
-                    while let Ok(want) = rx.recv() {
+                    while let Some(want) = rx.recv() {
                         r.replicate(want);
                     }
                 })
@@ -164,60 +165,47 @@ impl Replicator {
     /// returns when `copies - 1` of them have stored them (or all have
     /// answered): a peer that is frozen rather than dead cannot hold up a
     /// close(). What cannot be placed now is remembered and retried.
-    pub fn place(self: &Arc<Self>, hashes: &[Hash]) {
+    pub fn place(&self, hashes: &[Hash]) {
+        self.start_placing(hashes).finish();
+    }
+
+    /// `place`, in two halves: the first batch of chunks leaves now, while
+    /// the caller commits the command that refers to them.
+    pub fn start_placing<'a>(&'a self, hashes: &'a [Hash]) -> Placement<'a> {
         let wanted = self.copies_wanted();
-        if wanted <= 1 || hashes.is_empty() {
-            return;
+        let mut placement = Placement {
+            replicator: self,
+            hashes,
+            peers: Vec::new(),
+            first: None,
+            wanted,
+        };
+        if wanted > 1 && !hashes.is_empty() {
+            placement.peers = self.data_peers(0);
+            let batch = &hashes[..hashes.len().min(PUSH_BATCH)];
+            placement.first = Some(self.push(&placement.peers, batch));
         }
-        let (tx, rx) = crossbeam_channel::unbounded();
-        for peer in self.data_peers(0) {
-            let (me, tx, hashes) = (self.clone(), tx.clone(), hashes.to_vec());
-            std::thread::spawn(move || {
-                let result = me.push(peer, &hashes);
-                if let Err(e) = &result {
-                    tracing::debug!("pushing chunks to node {peer}: {e}");
-                }
-                let _ = tx.send(result.is_ok());
-            });
-        }
-        drop(tx);
-        let mut placed = 0;
-        while placed + 1 < wanted {
-            match rx.recv() {
-                Ok(true) => placed += 1,
-                Ok(false) => {}
-                Err(_) => break, // every push has answered
-            }
-        }
-        let mut under = self.under_replicated.lock();
-        if placed + 1 >= wanted {
-            for h in hashes {
-                under.remove(h);
-            }
-        } else {
-            under.extend(hashes.iter().copied());
-        }
+        placement
+    }
+
+    /// Sends one batch of chunks to `peers`; `None` if some chunk is gone
+    /// (collected meanwhile: nothing left to place).
+    fn push(&self, peers: &[u64], batch: &[Hash]) -> Option<Calls> {
+        let chunks = batch
+            .iter()
+            .map(|h| self.chunks.get(h, None))
+            .collect::<Result<Vec<_>, _>>()
+            .ok()?;
+        Some(
+            self.transport
+                .ask_all(peers, &Kind::StoreChunks(StoreChunks { chunks })),
+        )
     }
 
     /// How many nodes should hold new contents: `copies`, or fewer when
     /// the cluster has fewer data nodes.
     pub fn copies_wanted(&self) -> usize {
         self.copies.min(self.data_members().len() + 1)
-    }
-
-    fn push(&self, peer: u64, hashes: &[Hash]) -> Result<(), String> {
-        for batch in hashes.chunks(PUSH_BATCH) {
-            let chunks = batch
-                .iter()
-                .map(|h| self.chunks.get(h, None).map_err(|e| format!("{e:?}")))
-                .collect::<Result<Vec<_>, _>>()?;
-            self.transport.call(
-                peer,
-                Kind::StoreChunks(StoreChunks { chunks }),
-                FETCH_TIMEOUT,
-            )?;
-        }
-        Ok(())
     }
 
     /// The other members that store contents (re-read at most once a
@@ -301,6 +289,39 @@ impl Replicator {
                 .call(peer, Kind::FetchChunk(hash.to_vec()), FETCH_TIMEOUT)
                 .ok()
         })
+    }
+}
+
+/// Chunks on their way to `copies - 1` other nodes (`start_placing`).
+pub struct Placement<'a> {
+    replicator: &'a Replicator,
+    hashes: &'a [Hash],
+    peers: Vec<u64>,
+    /// The first batch, in flight; `None` when there is nothing to place.
+    first: Option<Option<Calls>>,
+    wanted: usize,
+}
+
+impl Placement<'_> {
+    /// Waits for the copies; pushes the remaining batches of a big file.
+    pub fn finish(self) {
+        let Some(first) = self.first else { return };
+        let r = self.replicator;
+        let enough = self.wanted - 1;
+        let stored =
+            |calls: Option<Calls>| calls.is_some_and(|c| c.wait(enough, FETCH_TIMEOUT) >= enough);
+        let placed = stored(first)
+            && self.hashes[PUSH_BATCH.min(self.hashes.len())..]
+                .chunks(PUSH_BATCH)
+                .all(|batch| stored(r.push(&self.peers, batch)));
+        let mut under = r.under_replicated.lock();
+        if placed {
+            for h in self.hashes {
+                under.remove(h);
+            }
+        } else {
+            under.extend(self.hashes.iter().copied());
+        }
     }
 }
 

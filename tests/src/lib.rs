@@ -373,6 +373,11 @@ pub fn local_dir() -> tempfile::TempDir {
 }
 
 /// A snapshot of a tree for comparisons: path → (kind, mode, size, bytes or target).
+///
+/// A tree that is still changing (another node's changes being applied)
+/// can lose an entry between listing a directory and reading the entry;
+/// that entry is recorded as vanished, so the snapshot differs from any
+/// settled tree and a wait for convergence goes on.
 pub fn tree(root: &Path) -> Vec<String> {
     let mut out = Vec::new();
     walk(root, root, &mut out);
@@ -382,14 +387,23 @@ pub fn tree(root: &Path) -> Vec<String> {
 
 fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
     use std::os::unix::fs::MetadataExt;
-    let mut entries: Vec<_> = std::fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display()))
-        .map(|e| e.unwrap().path())
-        .collect();
+    let vanished = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+    let mut entries: Vec<_> = match std::fs::read_dir(dir) {
+        Ok(list) => list.map(|e| e.unwrap().path()).collect(),
+        Err(e) if vanished(&e) => return out.push(format!("{} vanished", dir.display())),
+        Err(e) => panic!("read_dir {}: {e}", dir.display()),
+    };
     entries.sort();
     for p in entries {
-        let m = std::fs::symlink_metadata(&p).unwrap();
         let rel = p.strip_prefix(root).unwrap().display().to_string();
+        let m = match std::fs::symlink_metadata(&p) {
+            Ok(m) => m,
+            Err(e) if vanished(&e) => {
+                out.push(format!("{rel} vanished"));
+                continue;
+            }
+            Err(e) => panic!("stat {}: {e}", p.display()),
+        };
         let ft = m.file_type();
         if ft.is_dir() {
             out.push(format!(
@@ -401,10 +415,17 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
         } else if ft.is_symlink() {
             out.push(format!(
                 "{rel} -> {}",
-                std::fs::read_link(&p).unwrap().display()
+                std::fs::read_link(&p).map_or("(vanished)".into(), |t| t.display().to_string())
             ));
         } else if ft.is_file() {
-            let bytes = std::fs::read(&p).unwrap();
+            let bytes = match std::fs::read(&p) {
+                Ok(bytes) => bytes,
+                Err(e) if vanished(&e) => {
+                    out.push(format!("{rel} vanished"));
+                    continue;
+                }
+                Err(e) => panic!("read {}: {e}", p.display()),
+            };
             out.push(format!(
                 "{rel} file {:o} nlink={} size={} digest={}",
                 m.mode() & 0o7777,

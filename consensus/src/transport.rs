@@ -153,12 +153,7 @@ impl Transport {
     /// Queues a Raft message; false when it cannot go out now (no address,
     /// link down or backed up), so Raft can treat the peer as unreachable.
     pub fn send_raft(&self, msg: &raft::eraftpb::Message) -> bool {
-        let Some(addr) = self.address(msg.to) else {
-            return false;
-        };
-        let link = self.inner.link(&addr);
-        let Some(stream) = link.stream() else {
-            link.wake(); // dial now
+        let Some((link, stream)) = self.connected(msg.to) else {
             return false;
         };
         let frame = PeerFrame {
@@ -201,11 +196,7 @@ impl Transport {
         let (tx, answers) = mailbox::unbounded();
         let mut asked = Vec::new();
         for &peer in peers {
-            let Some(addr) = self.address(peer) else {
-                continue;
-            };
-            let link = self.inner.link(&addr);
-            let Some(stream) = link.stream() else {
+            let Some((link, stream)) = self.connected(peer) else {
                 continue;
             };
             match self.inner.request(&link, &stream, kind.clone(), tx.clone()) {
@@ -214,6 +205,17 @@ impl Transport {
             }
         }
         Calls { asked, answers }
+    }
+
+    /// The link to node `id` and its connection, if it has one now; a link
+    /// without one is told to dial at once.
+    fn connected(&self, id: u64) -> Option<(Arc<Link>, Arc<TlsStream>)> {
+        let link = self.inner.link(&self.address(id)?);
+        let Some(stream) = link.stream() else {
+            link.wake();
+            return None;
+        };
+        Some((link, stream))
     }
 
     /// Every peer link, by node id.

@@ -26,7 +26,6 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use wpfs_consensus::mailbox::{self, Receiver, Sender};
 use wpfs_consensus::namespace::{Hash, Namespace};
-use wpfs_consensus::transport::Calls;
 use wpfs_consensus::Transport;
 use wpfs_proto::peer_request::Kind;
 use wpfs_proto::StoreChunks;
@@ -166,40 +165,29 @@ impl Replicator {
     /// answered): a peer that is frozen rather than dead cannot hold up a
     /// close(). What cannot be placed now is remembered and retried.
     pub fn place(&self, hashes: &[Hash]) {
-        self.start_placing(hashes).finish();
-    }
-
-    /// `place`, in two halves: the first batch of chunks leaves now, while
-    /// the caller commits the command that refers to them.
-    pub fn start_placing<'a>(&'a self, hashes: &'a [Hash]) -> Placement<'a> {
         let wanted = self.copies_wanted();
-        let mut placement = Placement {
-            replicator: self,
-            hashes,
-            peers: Vec::new(),
-            first: None,
-            wanted,
-        };
-        if wanted > 1 && !hashes.is_empty() {
-            placement.peers = self.data_peers(0);
-            let batch = &hashes[..hashes.len().min(PUSH_BATCH)];
-            placement.first = Some(self.push(&placement.peers, batch));
+        if wanted <= 1 || hashes.is_empty() {
+            return; // a one-node cluster has nowhere to copy to
         }
-        placement
-    }
-
-    /// Sends one batch of chunks to `peers`; `None` if some chunk is gone
-    /// (collected meanwhile: nothing left to place).
-    fn push(&self, peers: &[u64], batch: &[Hash]) -> Option<Calls> {
-        let chunks = batch
-            .iter()
-            .map(|h| self.chunks.get(h, None))
-            .collect::<Result<Vec<_>, _>>()
-            .ok()?;
-        Some(
-            self.transport
-                .ask_all(peers, &Kind::StoreChunks(StoreChunks { chunks })),
-        )
+        // `ask_all` skips members without a connection.
+        let peers = self.data_members();
+        let placed = hashes.chunks(PUSH_BATCH).all(|batch| {
+            let Ok(chunks) = batch.iter().map(|h| self.chunks.get(h, None)).collect() else {
+                return false; // collected meanwhile: retry() drops it
+            };
+            let calls = self
+                .transport
+                .ask_all(&peers, &Kind::StoreChunks(StoreChunks { chunks }));
+            calls.wait(wanted - 1, FETCH_TIMEOUT) >= wanted - 1
+        });
+        let mut under = self.under_replicated.lock();
+        if placed {
+            for h in hashes {
+                under.remove(h);
+            }
+        } else {
+            under.extend(hashes.iter().copied());
+        }
     }
 
     /// How many nodes should hold new contents: `copies`, or fewer when
@@ -289,39 +277,6 @@ impl Replicator {
                 .call(peer, Kind::FetchChunk(hash.to_vec()), FETCH_TIMEOUT)
                 .ok()
         })
-    }
-}
-
-/// Chunks on their way to `copies - 1` other nodes (`start_placing`).
-pub struct Placement<'a> {
-    replicator: &'a Replicator,
-    hashes: &'a [Hash],
-    peers: Vec<u64>,
-    /// The first batch, in flight; `None` when there is nothing to place.
-    first: Option<Option<Calls>>,
-    wanted: usize,
-}
-
-impl Placement<'_> {
-    /// Waits for the copies; pushes the remaining batches of a big file.
-    pub fn finish(self) {
-        let Some(first) = self.first else { return };
-        let r = self.replicator;
-        let enough = self.wanted - 1;
-        let stored =
-            |calls: Option<Calls>| calls.is_some_and(|c| c.wait(enough, FETCH_TIMEOUT) >= enough);
-        let placed = stored(first)
-            && self.hashes[PUSH_BATCH.min(self.hashes.len())..]
-                .chunks(PUSH_BATCH)
-                .all(|batch| stored(r.push(&self.peers, batch)));
-        let mut under = r.under_replicated.lock();
-        if placed {
-            for h in self.hashes {
-                under.remove(h);
-            }
-        } else {
-            under.extend(self.hashes.iter().copied());
-        }
     }
 }
 

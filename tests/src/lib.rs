@@ -44,10 +44,17 @@ pub fn wpfs(args: &[&str]) -> Output {
 
 /// Runs wpfs and returns stdout, failing the test with stderr otherwise.
 pub fn wpfs_ok(args: &[&str]) -> String {
-    let out = wpfs(args);
+    let mut cmd = Command::new(bin_dir().join("wpfs"));
+    run_ok(cmd.args(args))
+}
+
+/// Runs `cmd` and returns its stdout; fails the test with the command and
+/// everything it printed when it fails.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("running a command");
     assert!(
         out.status.success(),
-        "wpfs {args:?} failed: {}{}",
+        "{cmd:?} failed: {}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
@@ -289,35 +296,18 @@ impl Node {
 
 /// `cp -a source dest`, failing the test with cp's complaint.
 pub fn copy_tree(source: &Path, dest: &Path) {
-    let out = Command::new("cp")
-        .arg("-a")
-        .arg(source)
-        .arg(dest)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "cp -a: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(Command::new("cp").arg("-a").arg(source).arg(dest));
 }
 
 /// `diff -r --no-dereference`: `copy` holds exactly `source` (symlinks
-/// compared as links, so relative ones pointing outside are fine).
+/// compared as links, so relative ones pointing outside are fine); fails
+/// the test with the differences.
 pub fn diff_clean(source: &Path, copy: &Path) {
-    let out = Command::new("diff")
-        .arg("-r")
-        .arg("--no-dereference")
-        .arg(source)
-        .arg(copy)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "diff -r {} {} found differences:\n{}",
-        source.display(),
-        copy.display(),
-        String::from_utf8_lossy(&out.stdout)
+    run_ok(
+        Command::new("diff")
+            .args(["-r", "--no-dereference"])
+            .arg(source)
+            .arg(copy),
     );
 }
 

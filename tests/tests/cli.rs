@@ -3,7 +3,9 @@
 
 use std::process::Command;
 
-use wpfs_tests::{bin_dir, fuse_available, init, local_dir, s, wpfs, wpfs_ok, Node, UnmountOnDrop};
+use wpfs_tests::{
+    bin_dir, fuse_available, init, local_dir, run_ok, s, wpfs, wpfs_ok, Node, UnmountOnDrop,
+};
 
 fn stderr_of(args: &[&str]) -> String {
     let out = wpfs(args);
@@ -128,20 +130,12 @@ fn mount_wpfs_takes_fstab_options() {
         .unwrap();
     assert_eq!(bad.status.code(), Some(32));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("bogus"));
-    let ok = Command::new(&helper)
-        .args([
-            s(&data),
-            s(&mnt),
-            "-o",
-            "defaults,_netdev,allow_other,noauto,x-systemd.automount",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        ok.status.success(),
-        "mount.wpfs: {}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    run_ok(Command::new(&helper).args([
+        s(&data),
+        s(&mnt),
+        "-o",
+        "defaults,_netdev,allow_other,noauto,x-systemd.automount",
+    ]));
     let _guard = UnmountOnDrop(mnt.clone());
     std::fs::write(mnt.join("hello"), b"fstab").unwrap();
     // fuser mounts with type "fuse" (no subtype); the source is the data dir.

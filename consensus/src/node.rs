@@ -179,17 +179,6 @@ impl Node {
         store: Store,
         transport: Option<Transport>,
     ) -> Result<Node, String> {
-        if snapshot::interrupted(&store) {
-            tracing::warn!(
-                "a snapshot install was interrupted: starting over from an empty namespace"
-            );
-            snapshot::clear_namespace(&store).map_err(|e| e.to_string())?;
-            RaftLog::reset(&store).map_err(|e| e.to_string())?;
-            store
-                .db()
-                .delete_cf(store.cf(crate::store::CF_META), snapshot::KEY_INSTALLING)
-                .map_err(|e| e.to_string())?;
-        }
         let namespace = Namespace::new(store.clone());
         if let Some(t) = &transport {
             for m in namespace.members().map_err(|e| e.to_string())? {
@@ -725,14 +714,15 @@ impl Driver {
             .map_err(|e| format!("snapshot {} reference is garbage: {e}", meta.index))?;
         let path = snapshot::incoming(&self.store, reference.index);
         let started = Instant::now();
-        snapshot::install(&self.store, &path)
-            .map_err(|e| format!("installing snapshot {}: {e}", meta.index))?;
+        let failed = |e: &dyn std::fmt::Display| format!("installing snapshot {}: {e}", meta.index);
+        let (changes, changed) = snapshot::changes(&self.store, &path).map_err(|e| failed(&e))?;
         self.raw
             .mut_store()
-            .apply_snapshot(meta)
-            .map_err(|e| format!("installing snapshot {}: {e}", meta.index))?;
+            .apply_snapshot(meta, changes)
+            .map_err(|e| failed(&e))?;
+        let _ = std::fs::remove_file(&path);
         tracing::info!(
-            "installed the snapshot at index {} ({} bytes) in {:?}",
+            "installed the snapshot at index {} ({} bytes, {changed} keys changed) in {:?}",
             meta.index,
             reference.size,
             started.elapsed()

@@ -101,15 +101,20 @@ impl RaftLog {
         store.db().write(batch).map_err(storage_err)
     }
 
-    /// Takes the state of installed snapshot `meta`: the log restarts after
-    /// its index (every older or conflicting entry is dropped).
-    pub fn apply_snapshot(&mut self, meta: &SnapshotMetadata) -> raft::Result<()> {
+    /// Takes the state of snapshot `meta` in one synced write with
+    /// `batch`, which carries the namespace's changes: the log restarts
+    /// after its index (every older or conflicting entry is dropped). A
+    /// crash leaves the node wholly before or wholly after the snapshot.
+    pub fn apply_snapshot(
+        &mut self,
+        meta: &SnapshotMetadata,
+        mut batch: WriteBatch,
+    ) -> raft::Result<()> {
         let cs = meta.conf_state.clone().unwrap_or_default();
         let mut hs = self.hard_state.clone();
         hs.commit = hs.commit.max(meta.index);
         hs.term = hs.term.max(meta.term);
         let cf = self.store.cf(CF_RAFT);
-        let mut batch = WriteBatch::default();
         batch.put_cf(cf, KEY_SNAPSHOT_META, meta.encode_to_vec());
         batch.put_cf(cf, KEY_CONF_STATE, cs.encode_to_vec());
         batch.put_cf(cf, KEY_HARD_STATE, hs.encode_to_vec());
@@ -122,20 +127,6 @@ impl RaftLog {
         self.snapshot_term = meta.term;
         self.last_index = meta.index;
         Ok(())
-    }
-
-    /// Forgets the log of a node whose snapshot install was interrupted, so
-    /// the leader sends it a snapshot again. Term and vote are kept (Raft's
-    /// safety rests on them); the membership too.
-    pub fn reset(store: &Store) -> raft::Result<()> {
-        let mut hs: HardState = load(store, KEY_HARD_STATE)?.unwrap_or_default();
-        hs.commit = 0;
-        let cf = store.cf(CF_RAFT);
-        let mut batch = WriteBatch::default();
-        batch.put_cf(cf, KEY_HARD_STATE, hs.encode_to_vec());
-        batch.delete_cf(cf, KEY_SNAPSHOT_META);
-        batch.delete_range_cf(cf, entry_key(0), entry_key(u64::MAX));
-        store.db().write(batch).map_err(storage_err)
     }
 
     pub fn hard_state(&self) -> &HardState {

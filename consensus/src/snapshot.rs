@@ -9,6 +9,13 @@
 //! it (`install`). File contents (chunks) are not in it: the node pulls the
 //! chunks the new namespace references like any others.
 //!
+//! Installing one is a single RocksDB batch, written together with the Raft
+//! log's new state: readers (FUSE lookups on this node go straight to the
+//! store) see the old namespace or the new one, never a half-written mix,
+//! and a crash leaves the node wholly before or after the snapshot. The
+//! batch holds only the difference to what the node has, so a node back
+//! from a short outage writes (and keeps in memory) little.
+//!
 //! File format: records `u32 key length, key, u32 value length, value` for
 //! every key of the `meta` column family except node-local ones (`g`
 //! garbage hints), in key order.
@@ -16,6 +23,8 @@
 use std::fs;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+
+use std::cmp::Ordering;
 
 use rocksdb::{IteratorMode, WriteBatch};
 use wpfs_proto::SnapshotRef;
@@ -26,9 +35,6 @@ use crate::store::{Store, CF_META};
 pub const PIECE_SIZE: u64 = 1 << 20;
 /// Keys of the meta column family that only make sense on this node.
 const LOCAL_TAGS: &[u8] = b"g";
-/// Marks a store whose snapshot install was interrupted (see `Node::start`).
-pub const KEY_INSTALLING: &[u8] = b"installing";
-const BATCH_KEYS: usize = 10_000;
 
 pub fn dir(store: &Store) -> PathBuf {
     let db = store.path();
@@ -72,7 +78,7 @@ pub fn build(store: &Store, index: u64) -> std::io::Result<SnapshotRef> {
         .iterator_cf(store.cf(CF_META), IteratorMode::Start);
     for item in iter {
         let (k, v) = item.map_err(std::io::Error::other)?;
-        if LOCAL_TAGS.contains(&k[0]) || &*k == KEY_INSTALLING {
+        if is_local(&k) {
             continue;
         }
         out.write_all(&(k.len() as u32).to_be_bytes())?;
@@ -114,59 +120,70 @@ pub fn verify(path: &Path, want: &SnapshotRef) -> std::io::Result<bool> {
     Ok(size == want.size && hasher.finalize().as_bytes()[..] == want.hash[..])
 }
 
-/// Replaces the namespace with the snapshot in `path`. The store is marked
-/// while this runs, so a crash halfway is noticed at the next start
-/// (`clear_interrupted`) instead of leaving a half-old, half-new namespace.
-pub fn install(store: &Store, path: &Path) -> std::io::Result<()> {
-    let db = store.db();
+/// The batch that turns this node's namespace into the snapshot in
+/// `path`, and how many keys it changes: the two sorted sequences (store
+/// and file) are walked side by side; keys only here are deleted, keys
+/// new or different in the file are written.
+pub fn changes(store: &Store, path: &Path) -> std::io::Result<(WriteBatch, usize)> {
     let cf = store.cf(CF_META);
-    db.put_cf(cf, KEY_INSTALLING, b"")
-        .map_err(std::io::Error::other)?;
-    clear_namespace(store)?;
-    let mut input = BufReader::new(fs::File::open(path)?);
-    let mut batch = WriteBatch::default();
-    while let Some(key) = read_field(&mut input)? {
-        let value = read_field(&mut input)?.ok_or_else(|| {
-            std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "snapshot cut short")
-        })?;
-        batch.put_cf(cf, key, value);
-        if batch.len() >= BATCH_KEYS {
-            db.write(std::mem::take(&mut batch))
-                .map_err(std::io::Error::other)?;
+    let mut file = BufReader::new(fs::File::open(path)?);
+    let mut here = store
+        .db()
+        .iterator_cf(cf, IteratorMode::Start)
+        .filter(|item| item.as_ref().map_or(true, |(k, _)| !is_local(k)));
+    let mut next_here = || here.next().transpose().map_err(std::io::Error::other);
+    let mut have = next_here()?;
+    let mut want = read_record(&mut file)?;
+    let (mut batch, mut changed) = (WriteBatch::default(), 0);
+    loop {
+        let order = match (&have, &want) {
+            (None, None) => break,
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (Some((k, _)), Some((w, _))) => (**k).cmp(&w[..]),
+        };
+        match order {
+            Ordering::Less => {
+                batch.delete_cf(cf, &have.as_ref().expect("ordered").0);
+                changed += 1;
+                have = next_here()?;
+            }
+            Ordering::Greater => {
+                let (k, v) = want.take().expect("ordered");
+                batch.put_cf(cf, k, v);
+                changed += 1;
+                want = read_record(&mut file)?;
+            }
+            Ordering::Equal => {
+                let ((_, old), (k, new)) =
+                    (have.take().expect("ordered"), want.take().expect("ordered"));
+                if *old != new[..] {
+                    batch.put_cf(cf, k, new);
+                    changed += 1;
+                }
+                have = next_here()?;
+                want = read_record(&mut file)?;
+            }
         }
     }
-    batch.delete_cf(cf, KEY_INSTALLING);
-    db.write(batch).map_err(std::io::Error::other)?;
-    let _ = fs::remove_file(path);
-    Ok(())
+    Ok((batch, changed))
 }
 
-/// Whether a snapshot install was interrupted by a crash.
-pub fn interrupted(store: &Store) -> bool {
-    matches!(
-        store.db().get_cf(store.cf(CF_META), KEY_INSTALLING),
-        Ok(Some(_))
-    )
+/// Keys that only make sense on this node: never in a snapshot, never
+/// replaced by one.
+fn is_local(key: &[u8]) -> bool {
+    key.first().is_some_and(|tag| LOCAL_TAGS.contains(tag))
 }
 
-/// Empties the namespace (keeping node-local keys), key by key: a range
-/// delete would slow every later read of the namespace.
-pub fn clear_namespace(store: &Store) -> std::io::Result<()> {
-    let db = store.db();
-    let cf = store.cf(CF_META);
-    let mut batch = WriteBatch::default();
-    for item in db.iterator_cf(cf, IteratorMode::Start) {
-        let (k, _) = item.map_err(std::io::Error::other)?;
-        if LOCAL_TAGS.contains(&k[0]) || &*k == KEY_INSTALLING {
-            continue;
-        }
-        batch.delete_cf(cf, k);
-        if batch.len() >= BATCH_KEYS {
-            db.write(std::mem::take(&mut batch))
-                .map_err(std::io::Error::other)?;
-        }
-    }
-    db.write(batch).map_err(std::io::Error::other)
+/// The next `(key, value)` record of a snapshot file.
+fn read_record(input: &mut impl Read) -> std::io::Result<Option<(Vec<u8>, Vec<u8>)>> {
+    let Some(key) = read_field(input)? else {
+        return Ok(None);
+    };
+    let value = read_field(input)?.ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "snapshot cut short")
+    })?;
+    Ok(Some((key, value)))
 }
 
 fn read_field(input: &mut impl Read) -> std::io::Result<Option<Vec<u8>>> {
@@ -212,5 +229,75 @@ impl Write for HashingWriter {
 
     fn flush(&mut self) -> std::io::Result<()> {
         self.file.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every `meta` key and value, as text.
+    fn keys(store: &Store) -> Vec<(String, String)> {
+        store
+            .db()
+            .iterator_cf(store.cf(CF_META), IteratorMode::Start)
+            .map(|kv| {
+                let (k, v) = kv.unwrap();
+                (
+                    String::from_utf8_lossy(&k).into(),
+                    String::from_utf8_lossy(&v).into(),
+                )
+            })
+            .collect()
+    }
+
+    fn store_with(dir: &Path, pairs: &[(&str, &str)]) -> Store {
+        let store = Store::open(dir, true).unwrap();
+        for (k, v) in pairs {
+            store.db().put_cf(store.cf(CF_META), k, v).unwrap();
+        }
+        store
+    }
+
+    #[test]
+    fn installing_writes_only_the_difference_and_keeps_local_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let leader = store_with(
+            &dir.path().join("leader/db"),
+            &[
+                ("a", "1"),
+                ("c", "3"),
+                ("d", "new"),
+                ("f", "6"),
+                ("g1", "leader's"),
+            ],
+        );
+        let snap = build(&leader, 7).unwrap();
+        let follower = store_with(
+            &dir.path().join("follower/db"),
+            &[
+                ("b", "gone"),
+                ("c", "3"),
+                ("d", "old"),
+                ("e", "gone"),
+                ("g2", "mine"),
+            ],
+        );
+        let (batch, changed) = changes(&follower, &outgoing(&leader, snap.index)).unwrap();
+        // a and f written, d rewritten, b and e deleted; c untouched.
+        assert_eq!(changed, 5);
+        follower.db().write(batch).unwrap();
+        let want: Vec<(String, String)> = [
+            ("a", "1"),
+            ("c", "3"),
+            ("d", "new"),
+            ("f", "6"),
+            ("g2", "mine"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let got = keys(&follower);
+        assert_eq!(got, want);
     }
 }

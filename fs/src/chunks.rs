@@ -28,9 +28,12 @@ use wpfs_consensus::store::{CF_CHUNKS, CF_META};
 use wpfs_consensus::Store;
 
 use crate::error::{err, Result};
+use crate::space::Space;
 
 pub struct ChunkStore {
     store: Store,
+    /// New chunks are refused (ENOSPC) below the disk's reserve.
+    space: Space,
     pins: Mutex<HashMap<Hash, u32>>,
     source: OnceLock<Arc<dyn ChunkSource>>,
     /// Whether chunks fetched for a read are kept (not on a witness).
@@ -87,6 +90,7 @@ impl Pinned {
             .get_pinned_cf(store.cf(CF_CHUNKS), hash)?
             .is_some();
         if !exists {
+            self.chunks.space.check(data.len())?;
             let mut batch = WriteBatch::default();
             batch.put_cf(store.cf(CF_CHUNKS), hash, data);
             // Flag it for collection in case the write is never committed.
@@ -105,8 +109,10 @@ fn garbage_key(hash: &Hash) -> Vec<u8> {
 }
 
 impl ChunkStore {
-    pub fn new(store: Store) -> Self {
+    /// Over `store`, keeping `min_free` bytes of its disk free.
+    pub fn new(store: Store, min_free: u64) -> Self {
         ChunkStore {
+            space: Space::new(store.path(), min_free),
             store,
             pins: Mutex::new(HashMap::new()),
             source: OnceLock::new(),
@@ -119,6 +125,10 @@ impl ChunkStore {
         self.keep_fetched
             .store(keep, std::sync::atomic::Ordering::Relaxed);
         let _ = self.source.set(source);
+    }
+
+    pub fn space(&self) -> &Space {
+        &self.space
     }
 
     pub fn contains(&self, hash: &Hash) -> Result<bool> {
@@ -136,6 +146,7 @@ impl ChunkStore {
         if blake3::hash(data).as_bytes() != hash {
             return Ok(false);
         }
+        self.space.check(data.len())?;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());

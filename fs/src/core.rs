@@ -9,7 +9,6 @@
 //! with the errno the state machine decided.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -32,8 +31,8 @@ pub struct CoreOptions {
     /// How long a write may wait for Raft before it fails.
     pub write_timeout: Duration,
     pub read_only: bool,
-    /// The data directory: statfs reports the space of its filesystem.
-    pub data_dir: PathBuf,
+    /// Bytes of the store's disk kept free: new contents get ENOSPC below.
+    pub min_free: u64,
 }
 
 /// Who is asking: the owner of what they create.
@@ -128,7 +127,7 @@ fn check_name(name: &[u8]) -> Result<()> {
 impl FsCore {
     pub fn new(node: Arc<Node>, store: Store, opts: CoreOptions) -> Arc<FsCore> {
         let namespace = Namespace::new(store.clone());
-        let chunks = Arc::new(ChunkStore::new(store));
+        let chunks = Arc::new(ChunkStore::new(store, opts.min_free));
         Arc::new(FsCore {
             node,
             replicator: std::sync::OnceLock::new(),
@@ -255,27 +254,18 @@ impl FsCore {
         Ok(())
     }
 
+    /// The store's disk, less the reserve new contents may not use.
     pub fn statfs(&self) -> Result<Statfs> {
-        let path = std::ffi::CString::new(self.opts.data_dir.as_os_str().as_encoded_bytes())
-            .map_err(|_| Errno(libc::EINVAL))?;
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        // SAFETY: path is NUL-terminated and st is a valid out-pointer.
-        if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
-            return Err(Errno(
-                std::io::Error::last_os_error()
-                    .raw_os_error()
-                    .unwrap_or(libc::EIO),
-            ));
-        }
+        let u = self.contents.chunks.space().usable()?;
         let used = self.namespace().inode_count()?;
-        let ffree = (st.f_bavail as u64 * st.f_frsize as u64) / 4096;
+        let ffree = (u.available * u.block_size) / 4096;
         Ok(Statfs {
-            blocks: st.f_blocks as u64,
-            bfree: st.f_bfree as u64,
-            bavail: st.f_bavail as u64,
+            blocks: u.blocks,
+            bfree: u.free,
+            bavail: u.available,
             files: used + ffree,
             ffree,
-            bsize: st.f_frsize as u32,
+            bsize: u.block_size as u32,
         })
     }
 

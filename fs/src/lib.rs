@@ -7,6 +7,7 @@
 //! - `replication`: fetching the chunks other nodes wrote;
 //! - `remote`: what applying another node's change does here (kernel
 //!   cache invalidation, chunk fetches);
+//! - `space`: the disk-space reserve below which new contents are refused;
 //! - `error`: errno mapping.
 
 pub mod chunks;
@@ -16,6 +17,7 @@ pub mod file;
 pub mod fuse;
 pub mod remote;
 pub mod replication;
+pub mod space;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -18,6 +18,11 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
+    fixture_keeping_free(0)
+}
+
+/// A fixture whose core refuses new contents below `min_free` free bytes.
+fn fixture_keeping_free(min_free: u64) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("db");
     wpfs_consensus::bootstrap(&db, 1, "127.0.0.1:1", 0, 0, 0).unwrap();
@@ -30,7 +35,7 @@ fn fixture() -> Fixture {
         CoreOptions {
             write_timeout: Duration::from_secs(5),
             read_only: false,
-            data_dir: dir.path().to_path_buf(),
+            min_free,
         },
     );
     Fixture {
@@ -186,4 +191,27 @@ fn a_corrupt_chunk_reads_as_eio_never_as_wrong_bytes() {
         f.core.read(ino, 0, 1 << 20).map_err(|e| e.0),
         Err(libc::EIO)
     );
+}
+
+#[test]
+fn below_the_reserve_new_contents_get_enospc_and_the_namespace_still_works() {
+    // A reserve larger than any disk: every new chunk is refused.
+    let f = fixture_keeping_free(u64::MAX / 2);
+    let core = &f.core;
+    let file = NewNode::File {
+        mode: 0o644,
+        exclusive: true,
+    };
+    let ino = core.create(ROOT_INO, b"big", file, ME).unwrap().ino;
+    core.open(ino).unwrap();
+    core.write(ino, 0, &pattern(1, 300_000)).unwrap();
+    let enospc = Err(wpfs_fs::error::Errno(libc::ENOSPC));
+    assert_eq!(core.flush(ino, false), enospc);
+    assert_eq!(core.release(ino), enospc, "the last close tries again");
+    assert_eq!(chunks_stored(&f.store), 0);
+    // Creating, renaming and deleting (which frees space) still work.
+    core.rename(ROOT_INO, b"big", ROOT_INO, b"renamed", false, false)
+        .unwrap();
+    core.unlink(ROOT_INO, b"renamed", false).unwrap();
+    assert_eq!(core.statfs().unwrap().bavail, 0, "df shows nothing usable");
 }

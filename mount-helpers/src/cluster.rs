@@ -57,10 +57,11 @@ impl PeerService {
         store: Store,
         transport: Transport,
         witness: bool,
+        min_free: u64,
     ) -> Arc<PeerService> {
         Arc::new(PeerService {
             node,
-            chunks: ChunkStore::new(store.clone()),
+            chunks: ChunkStore::new(store.clone(), min_free),
             witness,
             store,
             transport,

@@ -270,6 +270,7 @@ fn run(req: &MountRequest, config: &NodeConfig, reporter: &mut Reporter) -> Resu
         store.clone(),
         transport.clone(),
         config.witness,
+        req.options.min_free,
     );
     transport.set_handler(Arc::new(PeerHandler(service.clone())));
     let namespace = Namespace::new(store.clone());
@@ -298,7 +299,7 @@ fn run(req: &MountRequest, config: &NodeConfig, reporter: &mut Reporter) -> Resu
         CoreOptions {
             write_timeout: req.options.write_timeout,
             read_only: req.options.read_only,
-            data_dir: req.dir.clone(),
+            min_free: req.options.min_free,
         },
     );
     let replicator = Replicator::start(

@@ -17,6 +17,8 @@ pub struct Options {
     pub threads: usize,
     /// Nodes that hold new contents before close() returns (where reachable).
     pub copies: usize,
+    /// Bytes of the store's disk kept free; new contents get ENOSPC below.
+    pub min_free: u64,
 }
 
 impl Default for Options {
@@ -28,6 +30,7 @@ impl Default for Options {
             write_timeout: Duration::from_secs(5),
             threads: 8,
             copies: 2,
+            min_free: wpfs_fs::space::DEFAULT_MIN_FREE,
         }
     }
 }
@@ -89,11 +92,13 @@ pub fn parse(list: &[String]) -> Result<Options, String> {
             "write_timeout" => opts.write_timeout = Duration::from_secs(number("seconds")?.max(1)),
             "copies" => opts.copies = number("nodes")?.clamp(1, 20) as usize,
             "threads" => opts.threads = number("threads")?.clamp(1, 64) as usize,
+            "min_free" => opts.min_free = number("MiB")?.saturating_mul(1 << 20),
             k if IGNORED.contains(&k) || k.starts_with("x-") || k.starts_with("comment=") => {}
             _ => {
                 return Err(format!(
                     "unknown mount option `{item}` (wpfs knows ro, rw, allow_other, cache_ttl=S, \
-                     write_timeout=S, threads=N, copies=N and ignores mount(8)'s generic ones)"
+                     write_timeout=S, threads=N, copies=N, min_free=MiB and ignores mount(8)'s \
+                     generic ones)"
                 ))
             }
         }

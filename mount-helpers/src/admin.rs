@@ -38,20 +38,24 @@ pub struct AdminState {
 }
 
 impl AdminState {
-    /// Why the node should not take traffic, or None when it is healthy.
+    /// Why the node should not take traffic ("degraded: …"), or None when
+    /// it is healthy.
     pub fn problem(&self) -> Option<String> {
         let raft = self.core.node().status();
-        if let Some(why) = raft.failed {
-            Some(format!("store failed: {why}"))
+        let why = if let Some(why) = raft.failed {
+            format!("store failed: {why}")
         } else if raft.removed {
-            Some("removed from the cluster".into())
+            "removed from the cluster".into()
         } else if raft.leader == 0 {
-            Some("no Raft leader: a majority of voters is unreachable, writes fail".into())
+            "no Raft leader: a majority of voters is unreachable, so writes fail \
+             (reads are served from this node's copy)"
+                .into()
         } else if !self.mounted.load(Ordering::Relaxed) {
-            Some("not mounted".into())
+            "not mounted".into()
         } else {
-            None
-        }
+            return None;
+        };
+        Some(format!("degraded: {why}"))
     }
 
     /// Every member as this node sees it.

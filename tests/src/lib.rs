@@ -10,6 +10,9 @@ use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
+pub mod lan;
+use lan::Lan;
+
 /// The directory holding the built `wpfs` and `mount.wpfs`.
 pub fn bin_dir() -> PathBuf {
     if let Some(p) = std::env::var_os("WPFS_BIN") {
@@ -80,11 +83,16 @@ fn port() -> u16 {
 
 /// `wpfs init` of node 1 of a new cluster in `data`; returns its output.
 pub fn init(data: &Path) -> String {
-    init_at(data, &format!("127.0.0.1:{}", port()))
+    init_with(
+        Command::new(bin_dir().join("wpfs")),
+        data,
+        &format!("127.0.0.1:{}", port()),
+    )
 }
 
-fn init_at(data: &Path, listen: &str) -> String {
-    wpfs_ok(&[
+/// `wpfs init` through `wpfs`, a command to which the arguments are added.
+fn init_with(mut wpfs: Command, data: &Path, listen: &str) -> String {
+    run_ok(wpfs.args([
         "init",
         "--data",
         s(data),
@@ -92,7 +100,7 @@ fn init_at(data: &Path, listen: &str) -> String {
         "1",
         "--listen",
         listen,
-    ])
+    ]))
 }
 
 /// One node: its data directory and mountpoint.
@@ -100,6 +108,13 @@ pub struct Node {
     pub root: tempfile::TempDir,
     pub data: PathBuf,
     pub mnt: PathBuf,
+    /// The network namespace its daemon runs in, on a `Lan`; None for
+    /// this machine's own network (127.0.0.1).
+    netns: Option<String>,
+    /// The address it listens on for peers.
+    host: String,
+    /// Whether `data` is a small filesystem of its own (unmounted on drop).
+    small_disk: bool,
 }
 
 impl Node {
@@ -109,14 +124,15 @@ impl Node {
     }
 
     pub fn single_with(mount_options: &[&str]) -> Node {
-        let node = Node::unmounted();
+        let node = Node::unmounted(None);
         init(&node.data);
         node.mount_with(mount_options);
         node
     }
 
-    /// A temporary directory for a node, with nothing in it yet.
-    fn unmounted() -> Node {
+    /// A temporary directory for a node, with nothing in it yet; on `lan`,
+    /// host `id` of it.
+    fn unmounted(lan: Option<(&Lan, u64)>) -> Node {
         let root = tempfile::Builder::new()
             .prefix("wpfs-test-")
             .tempdir_in(std::env::var_os("WPFS_TEST_DIR").unwrap_or_else(|| "/var/tmp".into()))
@@ -124,7 +140,41 @@ impl Node {
         let data = root.path().join("data");
         let mnt = root.path().join("mnt");
         std::fs::create_dir(&mnt).unwrap();
-        Node { root, data, mnt }
+        let (netns, host) = match lan {
+            Some((lan, id)) => {
+                lan.add_host(id);
+                (Some(lan.netns_path(id)), lan.address(id))
+            }
+            None => (None, "127.0.0.1".to_string()),
+        };
+        Node {
+            root,
+            data,
+            mnt,
+            netns,
+            host,
+            small_disk: false,
+        }
+    }
+
+    /// `wpfs args` run in the node's network namespace.
+    fn wpfs(&self, args: &[&str]) -> Command {
+        let bin = bin_dir().join("wpfs");
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={ns}")).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        cmd.args(args);
+        cmd
+    }
+
+    /// This node's peer address, on a new port.
+    fn new_listen(&self) -> String {
+        format!("{}:{}", self.host, port())
     }
 
     pub fn mount(&self) {
@@ -132,12 +182,16 @@ impl Node {
     }
 
     pub fn mount_with(&self, options: &[&str]) {
+        run_ok(&mut self.mount_command(options));
+    }
+
+    fn mount_command(&self, options: &[&str]) -> Command {
         let mut args = vec!["mount", s(&self.data), s(&self.mnt)];
         let joined = options.join(",");
         if !options.is_empty() {
             args.extend(["-o", &joined]);
         }
-        wpfs_ok(&args);
+        self.wpfs(&args)
     }
 
     /// `umount`, then waits until the daemon has exited.
@@ -189,6 +243,9 @@ impl Drop for Node {
             }
         }
         let _ = Command::new("umount").arg("-l").arg(&self.mnt).output();
+        if self.small_disk {
+            let _ = Command::new("umount").arg("-l").arg(&self.data).output();
+        }
     }
 }
 
@@ -198,20 +255,35 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     token: String,
     first_listen: String,
+    /// The network its nodes are hosts of, when they can be cut off;
+    /// dropped after the nodes (fields drop in order).
+    pub lan: Option<Lan>,
 }
 
 impl Cluster {
     /// Node 1 by `wpfs init`, nodes 2..=n by `wpfs join`; all mounted.
     pub fn start(n: u64) -> Cluster {
-        let first = Node::unmounted();
-        let listen = format!("127.0.0.1:{}", port());
-        let out = init_at(&first.data, &listen);
+        Self::start_on(n, None)
+    }
+
+    /// Like `start`, each node a host of its own on a `Lan`, so that
+    /// `lan.cut(id)` partitions it; None (reason printed) where network
+    /// namespaces cannot be made.
+    pub fn start_partitionable(n: u64) -> Option<Cluster> {
+        Some(Self::start_on(n, Some(Lan::new()?)))
+    }
+
+    fn start_on(n: u64, lan: Option<Lan>) -> Cluster {
+        let first = Node::unmounted(lan.as_ref().map(|l| (l, 1)));
+        let listen = first.new_listen();
+        let out = init_with(first.wpfs(&[]), &first.data, &listen);
         let token = out.lines().last().expect("token line").to_string();
         first.mount();
         let mut cluster = Cluster {
             nodes: vec![first],
             token,
             first_listen: listen,
+            lan,
         };
         for id in 2..=n {
             cluster.add(id);
@@ -230,10 +302,34 @@ impl Cluster {
         self.add_with(id, &["--witness"])
     }
 
-    fn add_with(&mut self, id: u64, flags: &[&str]) -> &Node {
-        let node = Node::unmounted();
+    /// Like `add`, with the node's data directory on a filesystem of its
+    /// own (a tmpfs of `mib` MiB), mounted with `options`.
+    pub fn add_on_small_disk(&mut self, id: u64, mib: u64, options: &[&str]) -> &Node {
+        let mut node = Node::unmounted(self.lan.as_ref().map(|l| (l, id)));
+        std::fs::create_dir(&node.data).unwrap();
+        run_ok(
+            Command::new("mount")
+                .args([
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    &format!("size={mib}m"),
+                    "wpfs-test-disk",
+                ])
+                .arg(&node.data),
+        );
+        node.small_disk = true;
         let token = self.token.clone();
-        node.join(id, &self.first_listen, &token, flags)
+        node.join(id, &self.first_listen, &token, &[], options)
+            .expect("wpfs join + mount");
+        self.nodes.push(node);
+        self.nodes.last().unwrap()
+    }
+
+    fn add_with(&mut self, id: u64, flags: &[&str]) -> &Node {
+        let node = Node::unmounted(self.lan.as_ref().map(|l| (l, id)));
+        let token = self.token.clone();
+        node.join(id, &self.first_listen, &token, flags, &[])
             .expect("wpfs join + mount");
         self.nodes.push(node);
         self.nodes.last().unwrap()
@@ -242,8 +338,8 @@ impl Cluster {
     /// A node prepared with `token` that tries to join: the first mount's
     /// error when it fails.
     pub fn try_join(&self, id: u64, token: &str) -> (Node, Result<(), String>) {
-        let node = Node::unmounted();
-        let result = node.join(id, &self.first_listen, token, &[]);
+        let node = Node::unmounted(self.lan.as_ref().map(|l| (l, id)));
+        let result = node.join(id, &self.first_listen, token, &[], &[]);
         (node, result)
     }
 
@@ -267,8 +363,16 @@ impl Cluster {
 }
 
 impl Node {
-    fn join(&self, id: u64, peer: &str, token: &str, flags: &[&str]) -> Result<(), String> {
-        let listen = format!("127.0.0.1:{}", port());
+    /// `wpfs join` with `flags`, then the first mount with `options`.
+    fn join(
+        &self,
+        id: u64,
+        peer: &str,
+        token: &str,
+        flags: &[&str],
+        options: &[&str],
+    ) -> Result<(), String> {
+        let listen = self.new_listen();
         let id = id.to_string();
         let mut args = vec![
             "join",
@@ -284,8 +388,8 @@ impl Node {
             token,
         ];
         args.extend(flags);
-        wpfs_ok(&args);
-        let out = wpfs(&["mount", s(&self.data), s(&self.mnt)]);
+        run_ok(&mut self.wpfs(&args));
+        let out = self.mount_command(options).output().expect("running wpfs");
         if out.status.success() {
             Ok(())
         } else {

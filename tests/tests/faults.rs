@@ -366,11 +366,14 @@ fn seed(cluster: &Cluster) {
     for i in 0..50 {
         fs::write(first.path(&format!("seed/f{i}")), body(0, i)).unwrap();
     }
-    let want = tree(&first.mnt);
+    wait_converged(cluster, Duration::from_secs(20));
+}
+
+/// Waits until every node's tree is node 1's.
+fn wait_converged(cluster: &Cluster, within: Duration) {
+    let want = tree(&cluster.node(1).mnt);
     for node in &cluster.nodes {
-        wait_until(Duration::from_secs(20), "the seed files everywhere", || {
-            tree(&node.mnt) == want
-        });
+        wait_until(within, "the nodes to converge", || tree(&node.mnt) == want);
     }
 }
 
@@ -604,12 +607,7 @@ fn a_full_disk_gives_enospc_and_loses_nothing() {
     // acknowledged write included.
     full.unmount();
     full.mount_with(&[&min_free]);
-    let want = tree(&cluster.node(1).mnt);
-    for id in 2..=3 {
-        wait_until(Duration::from_secs(60), "the nodes to converge", || {
-            tree(&cluster.node(id).mnt) == want
-        });
-    }
+    wait_converged(&cluster, Duration::from_secs(60));
     for (name, data) in &written {
         for node in &cluster.nodes {
             assert_eq!(&fs::read(node.path(name)).unwrap(), data, "{name}");
@@ -644,13 +642,8 @@ fn free_bytes(path: &std::path::Path) -> u64 {
 
 /// `len` bytes that neither compress nor share chunks with other seeds'.
 fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = (seed + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    use rand::{RngCore, SeedableRng};
+    let mut bytes = vec![0u8; len];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut bytes);
+    bytes
 }

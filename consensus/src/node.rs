@@ -41,7 +41,7 @@ use raft::eraftpb::{
     ConfChange, ConfChangeType, ConfChangeV2, Entry, EntryType, Message as RaftMessage,
     MessageType, Snapshot,
 };
-use raft::{RawNode, SnapshotStatus, StateRole};
+use raft::{ProgressState, RawNode, SnapshotStatus, StateRole};
 use rocksdb::{WriteBatch, WriteOptions};
 use wpfs_proto::{Command, Member, Message, Op, Outcome, SnapshotRef};
 
@@ -65,6 +65,12 @@ const ANSWER_GRACE: Duration = Duration::from_secs(1);
 /// How long the leader waits for an append to carry a new commit index to
 /// the followers before it sends one for that alone (`announce_commit`).
 const ANNOUNCE_DELAY: Duration = Duration::from_millis(2);
+/// A peer sent a snapshot that has fetched no piece of it for this long
+/// is given up on, and sent one again. raft-rs waits for a report on every
+/// snapshot it sends; a receiver killed mid-download never makes one, and
+/// its progress would stay paused for good. A piece (1 MiB) takes this
+/// long over a link of about 0.5 Mbit/s.
+const SNAPSHOT_STALL: Duration = Duration::from_secs(15);
 
 /// What the filesystem layer learns from the driver as the log is applied.
 /// Called on the driver thread: implementations hand work off and return.
@@ -153,6 +159,10 @@ enum Request {
     SnapshotFailed {
         leader: u64,
     },
+    /// Peer `from` fetched a piece of the snapshot this node sent it.
+    SnapshotFetching {
+        from: u64,
+    },
     Stop,
 }
 
@@ -230,6 +240,7 @@ impl Node {
             shared: shared.clone(),
             unsynced_since: None,
             told_commit: HashMap::new(),
+            snapshot_sent: HashMap::new(),
             untold_since: None,
             announce_now: false,
             config: config.clone(),
@@ -298,6 +309,12 @@ impl Node {
     /// Tells the leader that the snapshot it sent could not be fetched.
     pub fn snapshot_failed(&self, leader: u64) {
         let _ = self.requests.send(Request::SnapshotFailed { leader });
+    }
+
+    /// Peer `from` is fetching the snapshot this node sent it (a piece was
+    /// served): it is not to be given up on yet.
+    pub fn snapshot_fetching(&self, from: u64) {
+        let _ = self.requests.send(Request::SnapshotFetching { from });
     }
 
     pub fn set_observer(&self, observer: Arc<dyn ApplyObserver>) {
@@ -395,6 +412,9 @@ struct Driver {
     untold_since: Option<Instant>,
     /// Leader: a follower's proposal committed; it waits to hear so.
     announce_now: bool,
+    /// Leader: peers sent a snapshot, and when they last fetched a piece
+    /// of it (or were sent it).
+    snapshot_sent: HashMap<u64, Instant>,
     config: NodeConfig,
 }
 
@@ -487,6 +507,11 @@ impl Driver {
                 };
                 self.send(vec![msg]);
             }
+            Request::SnapshotFetching { from } => {
+                if let Some(at) = self.snapshot_sent.get_mut(&from) {
+                    *at = Instant::now();
+                }
+            }
             Request::Stop => unreachable!("handled by the loop"),
         }
     }
@@ -510,6 +535,34 @@ impl Driver {
     /// Once per tick: answer proposals whose deadline passed, send again
     /// those that may have been lost; on the leader, promote a caught-up
     /// learner.
+    /// Leader: a peer still waiting for a snapshot that it has not fetched
+    /// from for `SNAPSHOT_STALL` (it died, or restarted and forgot) is
+    /// reported failed, so raft-rs probes it and sends a new one.
+    fn resend_stalled_snapshots(&mut self) {
+        if self.raw.raft.state != StateRole::Leader {
+            self.snapshot_sent.clear();
+            return;
+        }
+        let prs = self.raw.raft.prs();
+        self.snapshot_sent.retain(|id, _| {
+            prs.get(*id)
+                .is_some_and(|p| p.state == ProgressState::Snapshot)
+        });
+        let stalled: Vec<u64> = self
+            .snapshot_sent
+            .iter()
+            .filter(|(_, at)| at.elapsed() >= SNAPSHOT_STALL)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stalled {
+            tracing::warn!(
+                "node {id} fetched nothing of its snapshot for {SNAPSHOT_STALL:?}: sending it again"
+            );
+            self.snapshot_sent.remove(&id);
+            self.raw.report_snapshot(id, SnapshotStatus::Failure);
+        }
+    }
+
     fn housekeeping(&mut self) {
         let now = Instant::now();
         let expired: Vec<u64> = self
@@ -537,6 +590,7 @@ impl Driver {
         for id in stale {
             self.send_proposal(id);
         }
+        self.resend_stalled_snapshots();
         if self.raw.raft.state != StateRole::Leader || self.raw.raft.has_pending_conf() {
             return;
         }
@@ -702,6 +756,8 @@ impl Driver {
                     self.raw.report_snapshot(to, SnapshotStatus::Failure);
                 }
                 self.raw.report_unreachable(to);
+            } else if is_snapshot {
+                self.snapshot_sent.insert(to, Instant::now());
             }
         }
     }

@@ -49,6 +49,17 @@ pub fn incoming(store: &Store, index: u64) -> PathBuf {
     dir(store).join(format!("incoming-{index}.bin"))
 }
 
+/// Removes the incoming files that interrupted downloads left behind (a
+/// node killed mid-download). One download runs at a time, so when one
+/// starts, every incoming file is such a leftover.
+pub fn clear_incoming(store: &Store) {
+    for entry in fs::read_dir(dir(store)).into_iter().flatten().flatten() {
+        if entry.file_name().to_string_lossy().starts_with("incoming-") {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// The newest outgoing snapshot file, if one exists: its index and path.
 pub fn latest(store: &Store) -> Option<(u64, PathBuf)> {
     fs::read_dir(dir(store))

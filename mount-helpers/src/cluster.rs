@@ -107,6 +107,7 @@ impl PeerService {
 
     fn download(&self, from: u64, reference: &SnapshotRef) -> Result<(), String> {
         let path = snapshot::incoming(&self.store, reference.index);
+        snapshot::clear_incoming(&self.store);
         fs::create_dir_all(snapshot::dir(&self.store)).map_err(|e| e.to_string())?;
         let mut file = fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         let progress = &self.snapshot;
@@ -178,6 +179,7 @@ impl Handler for PeerHandler {
             }
             Kind::StoreChunks(_) => Err("a witness stores no file contents".into()),
             Kind::SnapshotPiece(p) => {
+                s.node.snapshot_fetching(from);
                 snapshot::read_piece(&s.store, p.index, p.offset).map_err(|e| e.to_string())
             }
             Kind::Join(member) => {

@@ -172,7 +172,11 @@ fn daemonize(req: &MountRequest, config: &NodeConfig) -> Result<(), String> {
             for line in std::io::BufRead::lines(std::io::BufReader::new(f)) {
                 let Ok(line) = line else { break };
                 match line.strip_prefix("progress ") {
-                    Some(text) => eprintln!("wpfs: {text}"),
+                    // Progress is a courtesy: a closed stderr must not
+                    // end the wait (eprintln! would panic).
+                    Some(text) => {
+                        let _ = writeln!(std::io::stderr(), "wpfs: {text}");
+                    }
                     None if line == "ok" => return Ok(()),
                     None => return Err(line),
                 }

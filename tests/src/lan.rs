@@ -97,6 +97,28 @@ impl Lan {
             .unwrap_or_else(|e| panic!("cutting host {id} off: {e}"));
     }
 
+    /// Slows everything sent to host `id` down to `mbit` megabits a
+    /// second (a token bucket on its cable), as the link of a node far
+    /// away would; `slow` again changes the rate.
+    pub fn slow(&self, id: u64, mbit: u32) {
+        let rate = format!("{mbit}mbit");
+        let args = [
+            "qdisc",
+            "replace",
+            "dev",
+            &self.port(id),
+            "root",
+            "tbf",
+            "rate",
+            &rate,
+            "burst",
+            "64kb",
+            "latency",
+            "2s",
+        ];
+        run("tc", &args).unwrap_or_else(|e| panic!("slowing host {id}'s link: {e}"));
+    }
+
     /// Plugs host `id` back in.
     pub fn heal(&self, id: u64) {
         ip(&["-n", &self.netns(id), "link", "set", "eth0", "up"])
@@ -115,15 +137,20 @@ impl Drop for Lan {
 }
 
 fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
+    run("ip", args)
+}
+
+/// Runs one of iproute2's `program`s.
+fn run(program: &str, args: &[&str]) -> Result<(), String> {
+    let out = Command::new(program)
         .args(args)
         .output()
-        .map_err(|e| format!("ip: {e}"))?;
+        .map_err(|e| format!("{program}: {e}"))?;
     if out.status.success() {
         Ok(())
     } else {
         Err(format!(
-            "ip {}: {}",
+            "{program} {}: {}",
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         ))

@@ -133,10 +133,12 @@ impl Node {
     /// A temporary directory for a node, with nothing in it yet; on `lan`,
     /// host `id` of it.
     fn unmounted(lan: Option<(&Lan, u64)>) -> Node {
-        let root = tempfile::Builder::new()
+        let mut root = tempfile::Builder::new()
             .prefix("wpfs-test-")
             .tempdir_in(std::env::var_os("WPFS_TEST_DIR").unwrap_or_else(|| "/var/tmp".into()))
             .expect("temp dir");
+        // WPFS_TEST_KEEP=1 keeps data directories and logs for a post-mortem.
+        root.disable_cleanup(std::env::var_os("WPFS_TEST_KEEP").is_some());
         let data = root.path().join("data");
         let mnt = root.path().join("mnt");
         std::fs::create_dir(&mnt).unwrap();
@@ -194,6 +196,16 @@ impl Node {
         self.wpfs(&args)
     }
 
+    /// `wpfs mount`, not waited for: its progress lines come on the
+    /// child's stderr, and `daemon_of` finds the daemon it forks.
+    pub fn spawn_mount(&self) -> std::process::Child {
+        self.mount_command(&[])
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("running wpfs mount")
+    }
+
     /// `umount`, then waits until the daemon has exited.
     pub fn unmount(&self) {
         let pid = self.pid();
@@ -221,7 +233,14 @@ impl Node {
 
     /// kill -9 the daemon; the mount is left dead, then lazily detached.
     pub fn kill9(&self) {
-        let pid = self.pid().expect("daemon pid");
+        self.kill9_daemon(self.pid().expect("daemon pid"));
+    }
+
+    /// `kill9` of the daemon `pid` (from `pid()` earlier): for a test that
+    /// holds a file open for writing, where asking for the pid now would
+    /// spawn `wpfs status`, and the spawned child's copy of the open file,
+    /// closed at exec, would flush (commit) it.
+    pub fn kill9_daemon(&self, pid: i32) {
         unsafe { libc::kill(pid, libc::SIGKILL) };
         wait_gone(pid, Duration::from_secs(30));
         let _ = Command::new("umount").arg("-l").arg(&self.mnt).output();
@@ -343,6 +362,15 @@ impl Cluster {
         (node, result)
     }
 
+    /// Node `id` after `wpfs join`, not mounted: its first mount, which
+    /// adds it to the cluster, is the caller's (`spawn_mount`). Not in
+    /// `nodes` until the caller pushes it.
+    pub fn prepare_join(&self, id: u64) -> Node {
+        let node = Node::unmounted(self.lan.as_ref().map(|l| (l, id)));
+        node.prepare(id, &self.first_listen, &self.token, &[]);
+        node
+    }
+
     pub fn token(&self) -> &str {
         &self.token
     }
@@ -363,15 +391,8 @@ impl Cluster {
 }
 
 impl Node {
-    /// `wpfs join` with `flags`, then the first mount with `options`.
-    fn join(
-        &self,
-        id: u64,
-        peer: &str,
-        token: &str,
-        flags: &[&str],
-        options: &[&str],
-    ) -> Result<(), String> {
+    /// `wpfs join` with `flags`: the node is ready for its first mount.
+    fn prepare(&self, id: u64, peer: &str, token: &str, flags: &[&str]) {
         let listen = self.new_listen();
         let id = id.to_string();
         let mut args = vec![
@@ -389,6 +410,18 @@ impl Node {
         ];
         args.extend(flags);
         run_ok(&mut self.wpfs(&args));
+    }
+
+    /// `wpfs join` with `flags`, then the first mount with `options`.
+    fn join(
+        &self,
+        id: u64,
+        peer: &str,
+        token: &str,
+        flags: &[&str],
+        options: &[&str],
+    ) -> Result<(), String> {
+        self.prepare(id, peer, token, flags);
         let out = self.mount_command(options).output().expect("running wpfs");
         if out.status.success() {
             Ok(())
@@ -435,6 +468,24 @@ impl Drop for UnmountOnDrop {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.0).output();
     }
+}
+
+/// The daemon a `wpfs mount` (still waiting for it) forked: the process
+/// whose parent it is. Its admin endpoint does not answer before the
+/// mount is made, so this is how a test reaches a daemon that is still
+/// joining.
+pub fn daemon_of(mount: &std::process::Child) -> Option<i32> {
+    let parent = mount.id() as i32;
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            // "pid (comm) state ppid ...": comm may hold spaces, not ')'.
+            let ppid: i32 = stat.rsplit_once(") ")?.1.split(' ').nth(1)?.parse().ok()?;
+            (ppid == parent).then_some(pid)
+        })
 }
 
 /// Waits for process `pid` to exit; false on timeout.

@@ -17,9 +17,9 @@ export CXX := ccache c++
 .PHONY: deps build demo test lint test-rust conformance install clean-demo
 
 deps:
-	@if ! dpkg -s fuse3 libclang-dev ccache protobuf-compiler wordpress >/dev/null 2>&1; then \
+	@if ! dpkg -s fuse3 libclang-dev ccache protobuf-compiler wordpress iproute2 >/dev/null 2>&1; then \
 	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-	    fuse3 libclang-dev clang ccache protobuf-compiler pkg-config wordpress diffutils util-linux; \
+	    fuse3 libclang-dev clang ccache protobuf-compiler pkg-config wordpress diffutils util-linux iproute2; \
 	fi
 
 build: deps

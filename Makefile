@@ -53,7 +53,10 @@ lint:
 	cargo clippy --workspace --all-targets -- -D warnings
 
 test-rust:
+	rm -f $(TARGET)/tmp/reliability-table.md
 	cargo test --workspace -- --test-threads=2
+	@echo "the fault suite's table (docs/reliability.md):"; \
+	  cat $(TARGET)/tmp/reliability-table.md 2>/dev/null || echo "(none: the suite was skipped)"
 
 conformance: build
 	tests/conformance.sh $(BIN)

@@ -122,6 +122,12 @@ fn write_loop(node: &Node, n: u64, stop: &AtomicBool, seen: &Mutex<Observed>) {
 /// another cluster competing for the same CPUs.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
+/// The turn of one scenario (held until it ends); None, with the reason
+/// printed, where FUSE mounts cannot be made.
+fn my_turn() -> Option<std::sync::MutexGuard<'static, ()>> {
+    fuse_available().then(|| ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
 #[derive(Clone, Copy, PartialEq)]
 enum Fault {
     /// kill -9: the node is gone.
@@ -155,10 +161,9 @@ enum Victims {
 /// loads, applies `fault` to the victims after a while, keeps the loads
 /// going through it and after it, then checks and reports.
 fn scenario(name: &str, size: u64, victims: Victims, fault: Fault) {
-    if !fuse_available() {
+    let Some(_turn) = my_turn() else {
         return;
-    }
-    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    };
     let cluster = match fault {
         Fault::Cut(_) => match Cluster::start_partitionable(size) {
             Some(cluster) => cluster,
@@ -311,6 +316,27 @@ struct Outcome<'a> {
     note: Option<String>,
 }
 
+impl<'a> Outcome<'a> {
+    /// A scenario in which no node was cut off: `running` must converge,
+    /// `loaded` ran the loops that saw `seen`.
+    fn of(
+        name: &'a str,
+        running: Vec<u64>,
+        loaded: &[u64],
+        seen: Vec<Observed>,
+        note: String,
+    ) -> Self {
+        Outcome {
+            name,
+            running,
+            loads: loaded.iter().copied().zip(seen).collect(),
+            cut_off: vec![],
+            degraded_after: None,
+            note: Some(note),
+        }
+    }
+}
+
 /// Checks what users rely on after a fault, and prints the table's rows:
 /// the nodes that kept a majority, then the cut-off ones.
 fn check(cluster: &Cluster, o: Outcome) {
@@ -380,12 +406,12 @@ fn check(cluster: &Cluster, o: Outcome) {
         } else {
             (failed.len() + refused.len()).to_string()
         };
-        println!(
+        table_row(&format!(
             "| {label} | {:.0} ms | {:.0} ms | {failed_text} | {converged_text} | {} of {acked} |",
             read.as_secs_f64() * 1e3,
             write.as_secs_f64() * 1e3,
             lost.len(),
-        );
+        ));
         if rows_of_cut_off {
             assert!(
                 failed.is_empty(),
@@ -422,6 +448,20 @@ fn check(cluster: &Cluster, o: Outcome) {
             log.contains("write refused"),
             "node {id}'s log names no refused write"
         );
+    }
+}
+
+/// Where the rows of docs/reliability.md's table go as well as to stdout
+/// (which `cargo test` shows only with `--nocapture`): `make test` prints
+/// the file after the suite.
+const TABLE: &str = concat!(env!("CARGO_TARGET_TMPDIR"), "/reliability-table.md");
+
+fn table_row(row: &str) {
+    use std::io::Write;
+    println!("{row}");
+    let file = fs::OpenOptions::new().create(true).append(true).open(TABLE);
+    if let Err(e) = file.and_then(|mut f| writeln!(f, "{row}")) {
+        eprintln!("cannot add the row to {TABLE}: {e}");
     }
 }
 
@@ -611,10 +651,9 @@ fn cut_the_leader_off_for_30_s() {
 /// catches up on the contents it had to leave, and its store reopens.
 #[test]
 fn a_full_disk_gives_enospc_and_loses_nothing() {
-    if !fuse_available() {
+    let Some(_turn) = my_turn() else {
         return;
-    }
-    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    };
     const MIN_FREE_MIB: u64 = 128;
     let min_free = format!("min_free={MIN_FREE_MIB}");
     let mut cluster = Cluster::start(2);
@@ -679,17 +718,16 @@ fn a_full_disk_gives_enospc_and_loses_nothing() {
     }
     check(
         &cluster,
-        Outcome {
-            name: "fill the disk under one node's store (3 nodes)",
-            running: vec![1, 2, 3],
-            loads: [1, 2].into_iter().zip(seen).collect(),
-            cut_off: vec![],
-            degraded_after: None,
-            note: Some(format!(
+        Outcome::of(
+            "fill the disk under one node's store (3 nodes)",
+            vec![1, 2, 3],
+            &[1, 2],
+            seen,
+            format!(
                 "ENOSPC on the full node after {} MiB; it writes again once space is freed",
                 written.len() // 1 MiB files
-            )),
-        },
+            ),
+        ),
     );
 }
 
@@ -724,8 +762,9 @@ const UPLOAD: usize = 128 << 20;
 
 /// A 3-node cluster on a `Lan` (None where one cannot be made) holding the
 /// seed files, `BULK_FILES` small files and `CONTENT_FILES` MiB of
-/// contents, everywhere.
-fn populated() -> Option<Cluster> {
+/// contents, everywhere; and node 4, prepared to join it (not mounted),
+/// its link slowed to `SNAPSHOT_MBIT`.
+fn populated_and_a_newcomer() -> Option<(Cluster, Node)> {
     let cluster = Cluster::start_partitionable(3)?;
     seed(&cluster);
     let first = cluster.node(1);
@@ -746,7 +785,9 @@ fn populated() -> Option<Cluster> {
         write_file(&first.path(&format!("big/{i}")), &noise(i, 1 << 20)).unwrap();
     }
     wait_converged(&cluster, Duration::from_secs(120));
-    Some(cluster)
+    let newcomer = cluster.prepare_join(4);
+    cluster.lan.as_ref().unwrap().slow(4, SNAPSHOT_MBIT);
+    Some((cluster, newcomer))
 }
 
 /// Reads a joining node's `wpfs mount` progress until it says part (not
@@ -813,16 +854,13 @@ fn wait_replicated(node: &Node, within: Duration) {
 /// with everything, while the three members serve on undisturbed.
 #[test]
 fn kill_9_a_joining_node_mid_snapshot_and_mid_contents() {
-    if !fuse_available() {
+    let Some(_turn) = my_turn() else {
         return;
-    }
-    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(mut cluster) = populated() else {
+    };
+    let Some((mut cluster, newcomer)) = populated_and_a_newcomer() else {
         return;
     };
     let lan = cluster.lan.as_ref().unwrap();
-    let newcomer = cluster.prepare_join(4);
-    lan.slow(4, SNAPSHOT_MBIT);
     let loaded = [1, 2, 3];
     let (took, seen) = under_load(&cluster, &loaded, || {
         let mut mount = newcomer.spawn_mount();
@@ -853,19 +891,18 @@ fn kill_9_a_joining_node_mid_snapshot_and_mid_contents() {
     cluster.wait_for_voters(4);
     check(
         &cluster,
-        Outcome {
-            name: "kill -9 a node joining a populated cluster, mid snapshot, then mid contents \
+        Outcome::of(
+            "kill -9 a node joining a populated cluster, mid snapshot, then mid contents \
                    (3 nodes + 1, slowed link)",
-            running: vec![1, 2, 3, 4],
-            loads: loaded.into_iter().zip(seen).collect(),
-            cut_off: vec![],
-            degraded_after: None,
-            note: Some(format!(
+            vec![1, 2, 3, 4],
+            &loaded,
+            seen,
+            format!(
                 "mounted again: namespace in {:.1} s, contents in {:.1} s",
                 took.0.as_secs_f64(),
                 took.1.as_secs_f64()
-            )),
-        },
+            ),
+        ),
     );
 }
 
@@ -874,18 +911,15 @@ fn kill_9_a_joining_node_mid_snapshot_and_mid_contents() {
 /// snapshot again; the join completes, the old leader comes back.
 #[test]
 fn kill_9_the_leader_while_it_sends_a_snapshot() {
-    if !fuse_available() {
+    let Some(_turn) = my_turn() else {
         return;
-    }
-    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(mut cluster) = populated() else {
+    };
+    let Some((mut cluster, newcomer)) = populated_and_a_newcomer() else {
         return;
     };
     let lan = cluster.lan.as_ref().unwrap();
     let leader = leader(&cluster);
     let loaded: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
-    let newcomer = cluster.prepare_join(4);
-    lan.slow(4, SNAPSHOT_MBIT);
     let (took, seen) = under_load(&cluster, &loaded, || {
         let mut mount = newcomer.spawn_mount();
         wait_for_half_a_snapshot(&mut mount);
@@ -902,18 +936,17 @@ fn kill_9_the_leader_while_it_sends_a_snapshot() {
     cluster.nodes.push(newcomer);
     check(
         &cluster,
-        Outcome {
-            name: "kill -9 the leader while it sends a snapshot to a joining node \
+        Outcome::of(
+            "kill -9 the leader while it sends a snapshot to a joining node \
                    (3 nodes + 1, slowed link)",
-            running: vec![1, 2, 3, 4],
-            loads: loaded.into_iter().zip(seen).collect(),
-            cut_off: vec![],
-            degraded_after: None,
-            note: Some(format!(
+            vec![1, 2, 3, 4],
+            &loaded,
+            seen,
+            format!(
                 "the joining node had the namespace {:.1} s after the kill",
                 took.as_secs_f64()
-            )),
-        },
+            ),
+        ),
     );
 }
 
@@ -934,10 +967,9 @@ fn empty_or_whole(path: &std::path::Path, data: &[u8]) -> bool {
 /// semantics promise contents only once close() returns.
 #[test]
 fn kill_9_a_node_in_the_middle_of_a_big_upload() {
-    if !fuse_available() {
+    let Some(_turn) = my_turn() else {
         return;
-    }
-    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    };
     let cluster = Cluster::start(3);
     seed(&cluster);
     let leader = leader(&cluster);
@@ -1008,28 +1040,25 @@ fn kill_9_a_node_in_the_middle_of_a_big_upload() {
     }
     check(
         &cluster,
-        Outcome {
-            name: "kill -9 a node in the middle of a 128 MiB upload on it: in write(), \
+        Outcome::of(
+            "kill -9 a node in the middle of a 128 MiB upload on it: in write(), \
                    then in close() (3 nodes)",
-            running: vec![1, 2, 3],
-            loads: loaded.into_iter().zip(seen).collect(),
-            cut_off: vec![],
-            degraded_after: None,
-            note: Some(
-                format!(
-                    "the upload killed in close() ended {}",
-                    if fs::metadata(cluster.node(1).path(uploads[1].0)).is_ok_and(|m| m.len() > 0) {
-                        "whole everywhere"
-                    } else {
-                        "empty everywhere"
-                    }
-                ) + if closed {
-                    " (close() had returned)"
+            vec![1, 2, 3],
+            &loaded,
+            seen,
+            format!(
+                "the upload killed in close() ended {}",
+                if fs::metadata(cluster.node(1).path(uploads[1].0)).is_ok_and(|m| m.len() > 0) {
+                    "whole everywhere"
                 } else {
-                    ""
-                },
-            ),
-        },
+                    "empty everywhere"
+                }
+            ) + if closed {
+                " (close() had returned)"
+            } else {
+                ""
+            },
+        ),
     );
 }
 
@@ -1038,10 +1067,9 @@ fn kill_9_a_node_in_the_middle_of_a_big_upload() {
 /// the copies), and the killed node, mounted again, ends with the file.
 #[test]
 fn kill_9_a_node_receiving_a_big_upload() {
-    if !fuse_available() {
+    let Some(_turn) = my_turn() else {
         return;
-    }
-    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    };
     let cluster = Cluster::start(3);
     seed(&cluster);
     let (writer, receiver) = (1, 2);
@@ -1076,16 +1104,15 @@ fn kill_9_a_node_receiving_a_big_upload() {
     }
     check(
         &cluster,
-        Outcome {
-            name: "kill -9 a node receiving a 128 MiB upload's copies during close() (3 nodes)",
-            running: vec![1, 2, 3],
-            loads: loaded.into_iter().zip(seen).collect(),
-            cut_off: vec![],
-            degraded_after: None,
-            note: Some(format!(
+        Outcome::of(
+            "kill -9 a node receiving a 128 MiB upload's copies during close() (3 nodes)",
+            vec![1, 2, 3],
+            &loaded,
+            seen,
+            format!(
                 "the upload's close() succeeded in {:.1} s",
                 took.as_secs_f64()
-            )),
-        },
+            ),
+        ),
     );
 }

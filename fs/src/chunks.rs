@@ -29,6 +29,7 @@ use wpfs_consensus::Store;
 
 use crate::error::{err, Result};
 use crate::space::Space;
+use crate::throttle::{held_back, Throttle};
 
 pub struct ChunkStore {
     store: Store,
@@ -38,6 +39,8 @@ pub struct ChunkStore {
     source: OnceLock<Arc<dyn ChunkSource>>,
     /// Whether chunks fetched for a read are kept (not on a witness).
     keep_fetched: std::sync::atomic::AtomicBool,
+    /// The "missing chunk" error, once a second at most.
+    missing_logged: Throttle,
 }
 
 /// A chunk that arrived before anything referenced it here (a writer's
@@ -117,6 +120,7 @@ impl ChunkStore {
             pins: Mutex::new(HashMap::new()),
             source: OnceLock::new(),
             keep_fetched: std::sync::atomic::AtomicBool::new(true),
+            missing_logged: Throttle::new(std::time::Duration::from_secs(1)),
         }
     }
 
@@ -165,10 +169,14 @@ impl ChunkStore {
             None => self.store.db().get_cf(cf, hash)?,
         };
         let Some(data) = data.or_else(|| self.fetch(hash)) else {
-            tracing::error!(
-                "chunk {} is missing here and no reachable peer has it",
-                hex(hash)
-            );
+            if let Some(held) = self.missing_logged.admit() {
+                tracing::error!(
+                    "chunk {} is missing here and no reachable peer has it: reads of it fail \
+                     with EIO until a node that has it is back{}",
+                    hex(hash),
+                    held_back(held)
+                );
+            }
             return err(libc::EIO);
         };
         if blake3::hash(&data).as_bytes() != hash {

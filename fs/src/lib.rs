@@ -8,6 +8,7 @@
 //! - `remote`: what applying another node's change does here (kernel
 //!   cache invalidation, chunk fetches);
 //! - `space`: the disk-space reserve below which new contents are refused;
+//! - `throttle`: log lines a fault would repeat per chunk, at most one per interval;
 //! - `error`: errno mapping.
 
 pub mod chunks;
@@ -18,6 +19,7 @@ pub mod fuse;
 pub mod remote;
 pub mod replication;
 pub mod space;
+pub mod throttle;
 
 use std::path::Path;
 use std::sync::Arc;

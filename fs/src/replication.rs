@@ -31,6 +31,7 @@ use wpfs_proto::peer_request::Kind;
 use wpfs_proto::StoreChunks;
 
 use crate::chunks::{hex, ChunkSource, ChunkStore};
+use crate::throttle::{held_back, Throttle};
 
 /// Chunks fetched at once in the background.
 const WORKERS: usize = 4;
@@ -65,6 +66,8 @@ pub struct Replicator {
     failed: Mutex<Vec<Want>>,
     fetched_chunks: AtomicU64,
     fetched_bytes: AtomicU64,
+    /// The "cannot store" warning (a full disk: one per chunk), throttled.
+    store_failed_logged: Throttle,
 }
 
 /// What `wpfs status` shows of replication.
@@ -103,6 +106,7 @@ impl Replicator {
             failed: Mutex::new(Vec::new()),
             fetched_chunks: AtomicU64::new(0),
             fetched_bytes: AtomicU64::new(0),
+            store_failed_logged: Throttle::new(Duration::from_secs(10)),
         });
         for i in 0..WORKERS {
             let (r, rx): (Arc<Replicator>, Receiver<Want>) = (r.clone(), rx.clone());
@@ -264,7 +268,14 @@ impl Replicator {
                 false
             }
             Err(e) => {
-                tracing::warn!("cannot store chunk {}: {e:?}", hex(hash));
+                if let Some(held) = self.store_failed_logged.admit() {
+                    tracing::warn!(
+                        "cannot store chunk {}: {}; it is fetched again later{}",
+                        hex(hash),
+                        std::io::Error::from_raw_os_error(e.0),
+                        held_back(held)
+                    );
+                }
                 false
             }
         }

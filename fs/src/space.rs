@@ -22,8 +22,10 @@
 
 use std::ffi::CString;
 use std::path::Path;
+use std::time::Duration;
 
 use crate::error::{Errno, Result};
+use crate::throttle::{held_back, Throttle};
 
 pub const DEFAULT_MIN_FREE: u64 = 256 << 20;
 
@@ -31,6 +33,8 @@ pub struct Space {
     /// A path on the store's filesystem, NUL-terminated for statvfs.
     path: CString,
     min_free: u64,
+    /// The "refused" warning, once every 10 s at most.
+    warning: Throttle,
 }
 
 /// The store's filesystem as statvfs sees it, in `block_size` units.
@@ -46,6 +50,7 @@ impl Space {
         Space {
             path: CString::new(path.as_os_str().as_encoded_bytes()).unwrap_or_default(),
             min_free,
+            warning: Throttle::new(Duration::from_secs(10)),
         }
     }
 
@@ -78,12 +83,15 @@ impl Space {
     pub fn check(&self, len: usize) -> Result<()> {
         let u = self.usage()?;
         if (u.available * u.block_size).saturating_sub(len as u64) < self.min_free {
-            tracing::warn!(
-                "refused new contents: {} MiB free on the store's disk, {} MiB are kept in \
-                 reserve (free space, or lower -o min_free)",
-                (u.available * u.block_size) >> 20,
-                self.min_free >> 20
-            );
+            if let Some(held) = self.warning.admit() {
+                tracing::warn!(
+                    "refused new contents: {} MiB free on the store's disk, {} MiB are kept in \
+                     reserve (free space, or lower -o min_free){}",
+                    (u.available * u.block_size) >> 20,
+                    self.min_free >> 20,
+                    held_back(held)
+                );
+            }
             return Err(Errno(libc::ENOSPC));
         }
         Ok(())

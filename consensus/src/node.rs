@@ -241,6 +241,7 @@ impl Node {
             unsynced_since: None,
             told_commit: HashMap::new(),
             snapshot_sent: HashMap::new(),
+            known_leader: 0,
             untold_since: None,
             announce_now: false,
             config: config.clone(),
@@ -412,6 +413,8 @@ struct Driver {
     untold_since: Option<Instant>,
     /// Leader: a follower's proposal committed; it waits to hear so.
     announce_now: bool,
+    /// The leader as this node last knew it (0: none).
+    known_leader: u64,
     /// Leader: peers sent a snapshot, and when they last fetched a piece
     /// of it (or were sent it).
     snapshot_sent: HashMap<u64, Instant>,
@@ -668,6 +671,15 @@ impl Driver {
             return Ok(());
         }
         let mut ready = self.raw.ready();
+        // A new leader: what was proposed to the old one may be lost with
+        // it; propose it again now rather than at the next retry (up to
+        // RETRY_AFTER later), so a write waits one election, not more.
+        let new_leader = ready
+            .ss()
+            .is_some_and(|ss| ss.leader_id != 0 && ss.leader_id != self.known_leader);
+        if let Some(ss) = ready.ss() {
+            self.known_leader = ss.leader_id;
+        }
         self.send(ready.take_messages());
         if !ready.snapshot().is_empty() {
             let snap = ready.snapshot().clone();
@@ -704,6 +716,17 @@ impl Driver {
         self.raw.advance_apply();
         self.compact_log()?;
         self.publish_status();
+        if new_leader {
+            let sent: Vec<u64> = self
+                .pending
+                .iter()
+                .filter(|(_, p)| p.sent.is_some())
+                .map(|(id, _)| *id)
+                .collect();
+            for id in sent {
+                self.send_proposal(id);
+            }
+        }
         Ok(())
     }
 

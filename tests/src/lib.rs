@@ -431,6 +431,26 @@ impl Node {
     }
 }
 
+/// Writes `data` to a new file (or over one) and closes it, with close()'s
+/// error: wpfs commits at close, and `fs::write` drops the file, and the
+/// error of its close with it.
+pub fn write_file(path: impl AsRef<Path>, data: impl AsRef<[u8]>) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path)?;
+    file.write_all(data.as_ref())?;
+    close(file)
+}
+
+/// Closes `file` with close()'s error.
+pub fn close(file: std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::IntoRawFd;
+    // SAFETY: the fd is ours alone, closed once.
+    if unsafe { libc::close(file.into_raw_fd()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// `cp -a source dest`, failing the test with cp's complaint.
 pub fn copy_tree(source: &Path, dest: &Path) {
     run_ok(Command::new("cp").arg("-a").arg(source).arg(dest));

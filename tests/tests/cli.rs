@@ -137,7 +137,7 @@ fn mount_wpfs_takes_fstab_options() {
         "defaults,_netdev,allow_other,noauto,x-systemd.automount",
     ]));
     let _guard = UnmountOnDrop(mnt.clone());
-    std::fs::write(mnt.join("hello"), b"fstab").unwrap();
+    wpfs_tests::write_file(mnt.join("hello"), b"fstab").unwrap();
     // fuser mounts with type "fuse" (no subtype); the source is the data dir.
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
     let line = format!("{} {} fuse ", s(&data), s(&mnt));

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use wpfs_tests::{
-    copy_tree, diff_clean, fuse_available, s, tree, wait_until, wpfs, wpfs_ok, Cluster,
+    copy_tree, diff_clean, fuse_available, s, tree, wait_until, wpfs, wpfs_ok, write_file, Cluster,
 };
 
 const CONVERGE: Duration = Duration::from_secs(20);
@@ -61,7 +61,7 @@ fn a_change_on_any_node_is_seen_on_every_node() {
     // Each node writes; every other node reads the same bytes.
     for (i, writer) in cluster.nodes.iter().enumerate() {
         let data: Vec<u8> = (0..300_000u32).map(|x| (x * 7 + i as u32) as u8).collect();
-        fs::write(writer.path(&format!("from-{i}")), &data).unwrap();
+        write_file(writer.path(&format!("from-{i}")), &data).unwrap();
         for reader in &cluster.nodes {
             wait_for_bytes(&reader.path(&format!("from-{i}")), &data);
         }
@@ -70,11 +70,11 @@ fn a_change_on_any_node_is_seen_on_every_node() {
     // The kernel on node 2 caches the file's pages and a name's absence;
     // a change on node 1 must still be seen there (cache TTL is 60 s).
     let (a, b) = (cluster.node(1), cluster.node(2));
-    fs::write(a.path("cached"), b"old version").unwrap();
+    write_file(a.path("cached"), b"old version").unwrap();
     wait_for_bytes(&b.path("cached"), b"old version");
     assert!(!b.path("appears-later").exists());
-    fs::write(a.path("cached"), b"the new, longer version").unwrap();
-    fs::write(a.path("appears-later"), b"here").unwrap();
+    write_file(a.path("cached"), b"the new, longer version").unwrap();
+    write_file(a.path("appears-later"), b"here").unwrap();
     wait_until(CONVERGE, "the rewrite to reach node 2", || {
         fs::read(b.path("cached")).unwrap() == b"the new, longer version"
     });
@@ -82,7 +82,7 @@ fn a_change_on_any_node_is_seen_on_every_node() {
 
     // Renames, links, attributes and deletes replicate too.
     fs::create_dir_all(a.path("d/e")).unwrap();
-    fs::write(a.path("d/e/f"), b"f").unwrap();
+    write_file(a.path("d/e/f"), b"f").unwrap();
     fs::rename(a.path("d/e"), a.path("d/g")).unwrap();
     fs::hard_link(a.path("d/g/f"), a.path("d/link")).unwrap();
     std::os::unix::fs::symlink("g/f", a.path("d/sym")).unwrap();
@@ -131,13 +131,13 @@ fn concurrent_writers_on_all_nodes_converge() {
             scope.spawn(move || {
                 // Creates in one directory from every node at once.
                 for i in 0..150 {
-                    fs::write(node.path(&format!("shared/n{n}-{i}")), format!("{n}:{i}")).unwrap();
+                    write_file(node.path(&format!("shared/n{n}-{i}")), format!("{n}:{i}")).unwrap();
                 }
                 // Rewrites of one file: each version is one letter, whole.
                 let letter = b"ABC"[n];
                 for round in 0..40 {
                     let body = vec![letter; 100_000 + round * 1000];
-                    fs::write(node.path("contended"), &body).unwrap();
+                    write_file(node.path("contended"), &body).unwrap();
                 }
                 // A rename storm: every node moves its own files around.
                 for i in 0..100 {
@@ -177,7 +177,7 @@ fn nodes_join_leave_and_are_removed_and_the_cluster_restarts_whole() {
     fs::create_dir(a.path("uploads")).unwrap();
     for i in 0..300 {
         let body: Vec<u8> = (0..(i * 997 % 200_000)).map(|x| (x ^ i) as u8).collect();
-        fs::write(a.path(&format!("uploads/{i}.jpg")), body).unwrap();
+        write_file(a.path(&format!("uploads/{i}.jpg")), body).unwrap();
     }
     let before = converged(&cluster, "");
 
@@ -202,7 +202,7 @@ fn nodes_join_leave_and_are_removed_and_the_cluster_restarts_whole() {
     ]);
     assert!(out.contains("node 3 removed"), "{out}");
     cluster.wait_for_voters(3);
-    fs::write(cluster.node(4).path("after-remove"), b"x").unwrap();
+    write_file(cluster.node(4).path("after-remove"), b"x").unwrap();
     wait_for_bytes(&cluster.node(1).path("after-remove"), b"x");
     let status = cluster.node(1).status();
     let ids: Vec<u64> = status["members"]
@@ -235,7 +235,7 @@ fn nodes_join_leave_and_are_removed_and_the_cluster_restarts_whole() {
     for id in [1, 2] {
         assert_eq!(tree(&cluster.node(id).mnt), want, "node {id} after restart");
     }
-    fs::write(cluster.node(2).path("after-restart"), b"y").unwrap();
+    write_file(cluster.node(2).path("after-restart"), b"y").unwrap();
     wait_for_bytes(&cluster.node(1).path("after-restart"), b"y");
 }
 
@@ -279,7 +279,7 @@ fn a_node_with_a_wrong_token_is_refused() {
     let mut junk = std::net::TcpStream::connect(&listen).unwrap();
     let _ = junk.write_all(&[0xff; 4096]);
     drop(junk);
-    fs::write(cluster.node(1).path("still-works"), b"ok").unwrap();
+    write_file(cluster.node(1).path("still-works"), b"ok").unwrap();
     assert_eq!(
         fs::read(cluster.node(1).path("still-works")).unwrap(),
         b"ok"
@@ -295,7 +295,7 @@ fn a_closed_file_survives_its_writer_dying_at_once() {
     let data: Vec<u8> = (0..3_000_000u32)
         .map(|x| (x.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
-    fs::write(cluster.node(1).path("upload.bin"), &data).unwrap();
+    write_file(cluster.node(1).path("upload.bin"), &data).unwrap();
     // close() returned: the contents are on a second node already, so the
     // writer may die before any background replication ran.
     cluster.node(1).kill9();
@@ -314,7 +314,7 @@ fn two_web_nodes_and_a_witness_survive_losing_a_web_node() {
     cluster.add_witness(3);
     cluster.wait_for_voters(3);
     for i in 0..20 {
-        fs::write(
+        write_file(
             cluster.node(1).path(&format!("f{i}")),
             vec![i as u8; 200_000],
         )
@@ -333,7 +333,7 @@ fn two_web_nodes_and_a_witness_survive_losing_a_web_node() {
 
     // One web node dies: the other and the witness are a majority.
     cluster.node(2).kill9();
-    fs::write(cluster.node(1).path("after"), b"still writable").unwrap();
+    write_file(cluster.node(1).path("after"), b"still writable").unwrap();
     assert_eq!(
         fs::read(cluster.node(1).path("after")).unwrap(),
         b"still writable"
@@ -351,7 +351,7 @@ fn a_node_that_missed_many_changes_catches_up_from_a_snapshot() {
     }
     let cluster = Cluster::start(3);
     let a = cluster.node(1);
-    fs::write(a.path("f"), b"x").unwrap();
+    write_file(a.path("f"), b"x").unwrap();
     converged(&cluster, "");
     cluster.node(3).unmount();
     // More log entries than the leader keeps: node 3 cannot catch up from
@@ -365,7 +365,7 @@ fn a_node_that_missed_many_changes_catches_up_from_a_snapshot() {
         .unwrap();
     }
     for i in 0..50 {
-        fs::write(a.path(&format!("new-{i}")), vec![i as u8; 70_000]).unwrap();
+        write_file(a.path(&format!("new-{i}")), vec![i as u8; 70_000]).unwrap();
     }
     let first_log_index = a.status()["first_log_index"].as_u64().unwrap();
     assert!(

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use wpfs_tests::{copy_tree, diff_clean, fuse_available, tree, Node};
+use wpfs_tests::{copy_tree, diff_clean, fuse_available, tree, write_file, Node};
 
 fn content(i: u64) -> Vec<u8> {
     let len = (i * 7919) % 200_000 + 1;
@@ -87,7 +87,7 @@ fn remount_keeps_everything_and_a_wordpress_tree_diffs_clean() {
     let source = Path::new("/usr/share/wordpress");
     let node = Node::single();
     std::fs::create_dir_all(node.path("a/b")).unwrap();
-    std::fs::write(node.path("a/b/file"), vec![42u8; 1_000_000]).unwrap();
+    write_file(node.path("a/b/file"), vec![42u8; 1_000_000]).unwrap();
     std::os::unix::fs::symlink("b/file", node.path("a/link")).unwrap();
     let wordpress = source.is_dir();
     if wordpress {

@@ -26,7 +26,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use wpfs_tests::{daemon_of, fuse_available, tree, wait_gone, wait_until, Cluster, Node};
+use wpfs_tests::{
+    close, daemon_of, fuse_available, tree, wait_gone, wait_until, write_file, Cluster, Node,
+};
 
 /// The mount's default `write_timeout`.
 const WRITE_DEADLINE: Duration = Duration::from_secs(5);
@@ -49,25 +51,6 @@ fn body(node: u64, i: usize) -> Vec<u8> {
     format!("node {node} write {i} ")
         .repeat(50 + i % 200)
         .into_bytes()
-}
-
-/// Writes `data` to a new file and closes it, with close()'s error: that is
-/// where wpfs commits (`fs::write` drops the file and its close error).
-fn write_file(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut file = fs::File::create(path)?;
-    file.write_all(data)?;
-    close(file)
-}
-
-/// Closes `file` with close()'s error.
-fn close(file: fs::File) -> std::io::Result<()> {
-    use std::os::fd::IntoRawFd;
-    // SAFETY: the fd is ours alone, closed once.
-    if unsafe { libc::close(file.into_raw_fd()) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// Loops stat+read of the seed files on `node` until `stop`.
@@ -100,7 +83,7 @@ fn write_loop(node: &Node, n: u64, stop: &AtomicBool, seen: &Mutex<Observed>) {
             body(n, i),
         );
         let t = Instant::now();
-        let written = write_file(&node.path(&tmp), &data)
+        let written = write_file(node.path(&tmp), &data)
             .and_then(|_| fs::rename(node.path(&tmp), node.path(&name)));
         let took = t.elapsed();
         let mut s = seen.lock().unwrap();
@@ -476,7 +459,7 @@ fn seed(cluster: &Cluster) {
     fs::create_dir(first.path("seed")).unwrap();
     fs::create_dir(first.path("w")).unwrap();
     for i in 0..50 {
-        fs::write(first.path(&format!("seed/f{i}")), body(0, i)).unwrap();
+        write_file(first.path(&format!("seed/f{i}")), body(0, i)).unwrap();
     }
     wait_converged(cluster, Duration::from_secs(20));
 }
@@ -672,7 +655,7 @@ fn a_full_disk_gives_enospc_and_loses_nothing() {
         let mut refused = None;
         for i in 0..64u64 {
             let (name, data) = (format!("big-{i}"), noise(i, 1 << 20));
-            match write_file(&full.path(&name), &data) {
+            match write_file(full.path(&name), &data) {
                 Ok(()) => written.push((name, data)),
                 Err(e) => {
                     refused = Some(e);
@@ -704,7 +687,7 @@ fn a_full_disk_gives_enospc_and_loses_nothing() {
     );
     let after_refusal = "after-the-disk-was-full";
     fs::remove_file(&ballast).unwrap();
-    write_file(&full.path(after_refusal), b"space again").unwrap();
+    write_file(full.path(after_refusal), b"space again").unwrap();
 
     // Its store reopens, and every node ends with the same tree, every
     // acknowledged write included.
@@ -775,14 +758,14 @@ fn populated_and_a_newcomer() -> Option<(Cluster, Node)> {
                 let dir = first.path(&format!("bulk/{t}"));
                 fs::create_dir(&dir).unwrap();
                 for i in 0..BULK_FILES / 8 {
-                    write_file(&dir.join(i.to_string()), format!("{t}/{i}").as_bytes()).unwrap();
+                    write_file(dir.join(i.to_string()), format!("{t}/{i}").as_bytes()).unwrap();
                 }
             });
         }
     });
     fs::create_dir(first.path("big")).unwrap();
     for i in 0..CONTENT_FILES {
-        write_file(&first.path(&format!("big/{i}")), &noise(i, 1 << 20)).unwrap();
+        write_file(first.path(&format!("big/{i}")), noise(i, 1 << 20)).unwrap();
     }
     wait_converged(&cluster, Duration::from_secs(120));
     let newcomer = cluster.prepare_join(4);

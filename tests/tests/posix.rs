@@ -8,7 +8,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
-use wpfs_tests::{fuse_available, last_errno, local_dir, Node};
+use wpfs_tests::{fuse_available, last_errno, local_dir, write_file, Node};
 
 type R<T> = Result<T, i32>;
 
@@ -138,7 +138,7 @@ fn files_read_write_truncate_append_sparse() {
 
     same(&node, local, "o_trunc_and_append", |d| {
         let p = d.join("f");
-        std::fs::write(&p, b"hello world").unwrap();
+        write_file(&p, b"hello world").unwrap();
         let fd = open(&p, libc::O_WRONLY | libc::O_TRUNC, 0)?;
         write(fd, b"abc")?;
         close(fd)?;
@@ -163,7 +163,7 @@ fn files_read_write_truncate_append_sparse() {
     same(&node, local, "truncate_shrink_then_grow", |d| {
         let p = d.join("f");
         let data: Vec<u8> = (0..200_000u32).map(|i| (i % 7 + 1) as u8).collect();
-        std::fs::write(&p, &data).unwrap();
+        write_file(&p, &data).unwrap();
         let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
         io(f.set_len(70_001))?;
         io(f.set_len(150_000))?; // the bytes past 70_001 must read as zeros
@@ -173,7 +173,7 @@ fn files_read_write_truncate_append_sparse() {
 
     same(&node, local, "truncate_by_path_and_dir", |d| {
         let p = d.join("f");
-        std::fs::write(&p, vec![9u8; 100_000]).unwrap();
+        write_file(&p, vec![9u8; 100_000]).unwrap();
         let rc = check(unsafe { libc::truncate(c(&p).as_ptr(), 1000) });
         let dir = check(unsafe { libc::truncate(c(d).as_ptr(), 0) });
         (rc, dir, std::fs::read(&p).unwrap())
@@ -182,7 +182,7 @@ fn files_read_write_truncate_append_sparse() {
     same(&node, local, "partial_overwrite", |d| {
         let p = d.join("f");
         let mut data: Vec<u8> = (0..1_000_000u32).map(|i| (i * 7 % 256) as u8).collect();
-        std::fs::write(&p, &data).unwrap();
+        write_file(&p, &data).unwrap();
         let fd = open(&p, libc::O_RDWR, 0)?;
         pwrite(fd, b"PATCH", 654_321)?;
         close(fd)?;
@@ -192,7 +192,7 @@ fn files_read_write_truncate_append_sparse() {
 
     same(&node, local, "unlinked_while_open", |d| {
         let p = d.join("f");
-        std::fs::write(&p, b"still here").unwrap();
+        write_file(&p, b"still here").unwrap();
         let fd = open(&p, libc::O_RDWR, 0)?;
         io(std::fs::remove_file(&p))?;
         pwrite(fd, b"STILL", 0)?;
@@ -235,7 +235,7 @@ fn directories_renames_and_their_errors() {
         let a = d.join("a");
         let r1 = io(std::fs::create_dir(&a));
         let r2 = io(std::fs::create_dir(&a)); // EEXIST
-        std::fs::write(a.join("x"), b"x").unwrap();
+        write_file(a.join("x"), b"x").unwrap();
         let r3 = io(std::fs::remove_dir(&a)); // ENOTEMPTY
         let r4 = io(std::fs::remove_dir(a.join("x"))); // ENOTDIR
         let r5 = io(std::fs::remove_file(&a)); // EISDIR
@@ -249,10 +249,10 @@ fn directories_renames_and_their_errors() {
         let long = "n".repeat(256);
         let ok = "n".repeat(255);
         (
-            io(std::fs::write(d.join(&long), b"")),
+            io(write_file(d.join(&long), b"")),
             io(std::fs::create_dir(d.join(&long))),
             io(std::fs::metadata(d.join(&long))).map(|_| ()),
-            io(std::fs::write(d.join(&ok), b"255 is fine")),
+            io(write_file(d.join(&ok), b"255 is fine")),
             io(std::fs::read(d.join(&ok))),
         )
     });
@@ -261,9 +261,9 @@ fn directories_renames_and_their_errors() {
         std::fs::create_dir(d.join("dir1")).unwrap();
         std::fs::create_dir(d.join("dir2")).unwrap();
         std::fs::create_dir(d.join("dir2/sub")).unwrap();
-        std::fs::write(d.join("f1"), b"one").unwrap();
-        std::fs::write(d.join("f2"), b"two").unwrap();
-        std::fs::write(d.join("dir2/sub/inner"), b"in").unwrap();
+        write_file(d.join("f1"), b"one").unwrap();
+        write_file(d.join("f2"), b"two").unwrap();
+        write_file(d.join("dir2/sub/inner"), b"in").unwrap();
         let r = [
             rename2(&d.join("f1"), &d.join("f2"), 0),   // replace a file
             rename2(&d.join("f2"), &d.join("dir1"), 0), // EISDIR
@@ -282,7 +282,7 @@ fn directories_renames_and_their_errors() {
     same(&node, local, "rename_over_empty_dir_and_self", |d| {
         std::fs::create_dir_all(d.join("a/inner")).unwrap();
         std::fs::create_dir(d.join("b")).unwrap();
-        std::fs::write(d.join("f"), b"f").unwrap();
+        write_file(d.join("f"), b"f").unwrap();
         std::fs::hard_link(d.join("f"), d.join("g")).unwrap();
         let r1 = rename2(&d.join("a"), &d.join("b"), 0); // over an empty dir
         let r2 = rename2(&d.join("f"), &d.join("g"), 0); // same inode: no-op
@@ -291,7 +291,7 @@ fn directories_renames_and_their_errors() {
 
     same(&node, local, "readdir_many_entries", |d| {
         for i in 0..3000 {
-            std::fs::write(d.join(format!("file-{i:05}")), b"").unwrap();
+            write_file(d.join(format!("file-{i:05}")), b"").unwrap();
         }
         let mut names: Vec<String> = std::fs::read_dir(d)
             .unwrap()
@@ -313,8 +313,8 @@ fn readdir_offsets_stay_stable_while_entries_change() {
     let d = node.path("dir");
     std::fs::create_dir(&d).unwrap();
     for i in 0..2000 {
-        std::fs::write(d.join(format!("keep-{i}")), b"").unwrap();
-        std::fs::write(d.join(format!("gone-{i}")), b"").unwrap();
+        write_file(d.join(format!("keep-{i}")), b"").unwrap();
+        write_file(d.join(format!("gone-{i}")), b"").unwrap();
     }
     let dir = unsafe { libc::opendir(c(&d).as_ptr()) };
     assert!(!dir.is_null());
@@ -334,7 +334,7 @@ fn readdir_offsets_stay_stable_while_entries_change() {
             // Churn: remove some, add new ones, while the listing goes on.
             let k = n / 100;
             let _ = std::fs::remove_file(d.join(format!("gone-{k}")));
-            std::fs::write(d.join(format!("new-{k}")), b"").unwrap();
+            write_file(d.join(format!("new-{k}")), b"").unwrap();
         }
     }
     unsafe { libc::closedir(dir) };
@@ -361,12 +361,12 @@ fn links_symlinks_xattrs_special_files_attributes() {
     let local = local.path();
 
     same(&node, local, "hard_links", |d| {
-        std::fs::write(d.join("a"), b"shared").unwrap();
+        write_file(d.join("a"), b"shared").unwrap();
         let r1 = io(std::fs::hard_link(d.join("a"), d.join("b")));
         let r2 = io(std::fs::hard_link(d.join("a"), d.join("b"))); // EEXIST
         std::fs::create_dir(d.join("dir")).unwrap();
         let r3 = io(std::fs::hard_link(d.join("dir"), d.join("dir2"))); // EPERM
-        std::fs::write(d.join("b"), b"changed via b").unwrap();
+        write_file(d.join("b"), b"changed via b").unwrap();
         std::fs::remove_file(d.join("a")).unwrap();
         (
             r1,
@@ -381,7 +381,7 @@ fn links_symlinks_xattrs_special_files_attributes() {
         let r1 = io(std::os::unix::fs::symlink("target/../x", d.join("l")));
         let r2 = io(std::fs::read_link(d.join("l")));
         let r3 = io(std::os::unix::fs::symlink("y", d.join("l"))); // EEXIST
-        std::fs::write(d.join("real"), b"via link").unwrap();
+        write_file(d.join("real"), b"via link").unwrap();
         std::os::unix::fs::symlink("real", d.join("l2")).unwrap();
         let r4 = io(std::fs::read(d.join("l2")));
         let r5 = io(std::fs::read_link(d.join("real"))).map(|_| ()); // EINVAL
@@ -390,7 +390,7 @@ fn links_symlinks_xattrs_special_files_attributes() {
 
     same(&node, local, "chmod_chown_utimens", |d| {
         let p = d.join("f");
-        std::fs::write(&p, b"x").unwrap();
+        write_file(&p, b"x").unwrap();
         io(std::fs::set_permissions(
             &p,
             std::fs::Permissions::from_mode(0o4751),
@@ -440,7 +440,7 @@ fn links_symlinks_xattrs_special_files_attributes() {
             &g,
             std::fs::Permissions::from_mode(0o2775),
         ))?;
-        std::fs::write(g.join("f"), b"").unwrap();
+        write_file(g.join("f"), b"").unwrap();
         std::fs::create_dir(g.join("sub")).unwrap();
         let f = io(std::fs::metadata(g.join("f")))?;
         let s = io(std::fs::metadata(g.join("sub")))?;
@@ -449,7 +449,7 @@ fn links_symlinks_xattrs_special_files_attributes() {
 
     same(&node, local, "xattrs", |d| {
         let p = d.join("f");
-        std::fs::write(&p, b"x").unwrap();
+        write_file(&p, b"x").unwrap();
         let name = CString::new("user.wp").unwrap();
         let set = |flags| {
             check(unsafe {
@@ -552,7 +552,7 @@ fn statfs_and_access() {
         "statfs reports no space"
     );
     assert_eq!(st.f_namemax, 255);
-    std::fs::write(node.path("f"), b"").unwrap();
+    write_file(node.path("f"), b"").unwrap();
     check(unsafe { libc::access(c(&node.path("f")).as_ptr(), libc::R_OK | libc::W_OK) }).unwrap();
     assert_eq!(
         check(unsafe { libc::access(c(&node.path("missing")).as_ptr(), libc::F_OK) }),

@@ -535,9 +535,6 @@ impl Driver {
         }
     }
 
-    /// Once per tick: answer proposals whose deadline passed, send again
-    /// those that may have been lost; on the leader, promote a caught-up
-    /// learner.
     /// Leader: a peer still waiting for a snapshot that it has not fetched
     /// from for `SNAPSHOT_STALL` (it died, or restarted and forgot) is
     /// reported failed, so raft-rs probes it and sends a new one.
@@ -566,6 +563,9 @@ impl Driver {
         }
     }
 
+    /// Once per tick: answer proposals whose deadline passed, send again
+    /// those that may have been lost; on the leader, give up stalled
+    /// snapshot sends and promote a caught-up learner.
     fn housekeeping(&mut self) {
         let now = Instant::now();
         let expired: Vec<u64> = self
@@ -584,15 +584,7 @@ impl Driver {
             tracing::warn!("a change was not applied before its deadline: {why}");
             let _ = p.reply.send(Err(why));
         }
-        let stale: Vec<u64> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| p.sent.is_none_or(|at| now - at >= RETRY_AFTER))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in stale {
-            self.send_proposal(id);
-        }
+        self.propose_again(|p| p.sent.is_none_or(|at| now - at >= RETRY_AFTER));
         self.resend_stalled_snapshots();
         if self.raw.raft.state != StateRole::Leader || self.raw.raft.has_pending_conf() {
             return;
@@ -717,17 +709,22 @@ impl Driver {
         self.compact_log()?;
         self.publish_status();
         if new_leader {
-            let sent: Vec<u64> = self
-                .pending
-                .iter()
-                .filter(|(_, p)| p.sent.is_some())
-                .map(|(id, _)| *id)
-                .collect();
-            for id in sent {
-                self.send_proposal(id);
-            }
+            self.propose_again(|p| p.sent.is_some());
         }
         Ok(())
+    }
+
+    /// Proposes again the pending commands `which` picks.
+    fn propose_again(&mut self, which: impl Fn(&Pending) -> bool) {
+        let ids: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| which(p))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            self.send_proposal(id);
+        }
     }
 
     /// Tells followers the commit index when no append carried it.

@@ -242,7 +242,10 @@ impl Node {
     /// closed at exec, would flush (commit) it.
     pub fn kill9_daemon(&self, pid: i32) {
         unsafe { libc::kill(pid, libc::SIGKILL) };
-        wait_gone(pid, Duration::from_secs(30));
+        assert!(
+            wait_gone(pid, Duration::from_secs(30)),
+            "daemon {pid} outlived kill -9"
+        );
         let _ = Command::new("umount").arg("-l").arg(&self.mnt).output();
     }
 
@@ -552,22 +555,19 @@ pub fn tree(root: &Path) -> Vec<String> {
 
 fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
     use std::os::unix::fs::MetadataExt;
-    let vanished = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
-    let mut entries: Vec<_> = match std::fs::read_dir(dir) {
-        Ok(list) => list.map(|e| e.unwrap().path()).collect(),
-        Err(e) if vanished(&e) => return out.push(format!("{} vanished", dir.display())),
-        Err(e) => panic!("read_dir {}: {e}", dir.display()),
+    let rel = |p: &Path| p.strip_prefix(root).unwrap().display().to_string();
+    // A vanished directory is named by its full path, which differs
+    // between mounts: a tree that saw one never equals another.
+    let full = dir.display().to_string();
+    let Some(list) = present(std::fs::read_dir(dir), "read_dir", dir, &full, out) else {
+        return;
     };
+    let mut entries: Vec<_> = list.map(|e| e.unwrap().path()).collect();
     entries.sort();
     for p in entries {
-        let rel = p.strip_prefix(root).unwrap().display().to_string();
-        let m = match std::fs::symlink_metadata(&p) {
-            Ok(m) => m,
-            Err(e) if vanished(&e) => {
-                out.push(format!("{rel} vanished"));
-                continue;
-            }
-            Err(e) => panic!("stat {}: {e}", p.display()),
+        let rel = rel(&p);
+        let Some(m) = present(std::fs::symlink_metadata(&p), "stat", &p, &rel, out) else {
+            continue;
         };
         let ft = m.file_type();
         if ft.is_dir() {
@@ -583,13 +583,8 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
                 std::fs::read_link(&p).map_or("(vanished)".into(), |t| t.display().to_string())
             ));
         } else if ft.is_file() {
-            let bytes = match std::fs::read(&p) {
-                Ok(bytes) => bytes,
-                Err(e) if vanished(&e) => {
-                    out.push(format!("{rel} vanished"));
-                    continue;
-                }
-                Err(e) => panic!("read {}: {e}", p.display()),
+            let Some(bytes) = present(std::fs::read(&p), "read", &p, &rel, out) else {
+                continue;
             };
             out.push(format!(
                 "{rel} file {:o} nlink={} size={} digest={}",
@@ -601,6 +596,25 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
         } else {
             out.push(format!("{rel} special {:o}", m.mode()));
         }
+    }
+}
+
+/// What `what` of `path` gave; None, with `rel` recorded as vanished, when
+/// the entry was removed meanwhile; any other error fails the test.
+fn present<T>(
+    result: std::io::Result<T>,
+    what: &str,
+    path: &Path,
+    rel: &str,
+    out: &mut Vec<String>,
+) -> Option<T> {
+    match result {
+        Ok(value) => Some(value),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            out.push(format!("{rel} vanished"));
+            None
+        }
+        Err(e) => panic!("{what} {}: {e}", path.display()),
     }
 }
 

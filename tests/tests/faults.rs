@@ -26,9 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use wpfs_tests::{
-    close, daemon_of, fuse_available, tree, wait_gone, wait_until, write_file, Cluster, Node,
-};
+use wpfs_tests::{close, daemon_of, fuse_available, tree, wait_until, write_file, Cluster, Node};
 
 /// The mount's default `write_timeout`.
 const WRITE_DEADLINE: Duration = Duration::from_secs(5);
@@ -816,13 +814,6 @@ fn finish_mount(mut mount: Child, within: Duration) -> Result<(), String> {
     }
 }
 
-/// kill -9 the daemon a `wpfs mount` forked before it mounted.
-fn kill9_joining(mount: &Child) {
-    let pid = daemon_of(mount).expect("the joining daemon");
-    unsafe { libc::kill(pid, libc::SIGKILL) };
-    assert!(wait_gone(pid, Duration::from_secs(30)));
-}
-
 /// Waits until `node` has every chunk its namespace references.
 fn wait_replicated(node: &Node, within: Duration) {
     wait_until(within, "a node's contents to be complete", || {
@@ -848,7 +839,7 @@ fn kill_9_a_joining_node_mid_snapshot_and_mid_contents() {
     let (took, seen) = under_load(&cluster, &loaded, || {
         let mut mount = newcomer.spawn_mount();
         wait_for_half_a_snapshot(&mut mount);
-        kill9_joining(&mount);
+        newcomer.kill9_daemon(daemon_of(&mount).expect("the joining daemon"));
         assert!(
             finish_mount(mount, Duration::from_secs(10)).is_err(),
             "the first mount succeeded though its daemon was killed"

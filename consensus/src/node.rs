@@ -53,8 +53,11 @@ use crate::transport::Transport;
 
 /// Entry context marking an entry whose write must reach the disk.
 const DURABLE: &[u8] = b"d";
-/// Log entries kept behind the applied index when the log is compacted.
+/// Log entries kept behind the applied index when the log is compacted,
+/// once it holds twice as many.
 const LOG_KEEP: u64 = 10_000;
+/// Bytes of entries kept likewise: small files' contents ride in entries.
+const LOG_KEEP_BYTES: u64 = 64 << 20;
 /// Learners are promoted to voters while there are fewer voters than this.
 const MAX_VOTERS: usize = 5;
 /// A proposal not applied this long after it was sent is sent again.
@@ -945,11 +948,18 @@ impl Driver {
 
     fn compact_log(&mut self) -> Result<(), String> {
         let applied = self.raw.raft.raft_log.applied;
-        let first = self.raw.store().first_index_now();
-        if applied > first + 2 * LOG_KEEP {
+        let log = self.raw.store();
+        let mut upto = 0;
+        if applied > log.first_index_now() + 2 * LOG_KEEP {
+            upto = applied - LOG_KEEP;
+        }
+        if log.bytes_now() > 2 * LOG_KEEP_BYTES {
+            upto = upto.max(log.index_keeping(LOG_KEEP_BYTES).min(applied));
+        }
+        if upto >= log.first_index_now() {
             self.raw
                 .mut_store()
-                .compact(applied - LOG_KEEP)
+                .compact(upto)
                 .map_err(|e| format!("compacting the Raft log: {e}"))?;
         }
         Ok(())

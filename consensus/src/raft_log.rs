@@ -13,6 +13,8 @@
 //! empty, always starts from a snapshot and never applies commands to a
 //! namespace that lacks the root.
 
+use std::collections::VecDeque;
+
 use parking_lot::Mutex;
 use prost011::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
@@ -42,6 +44,11 @@ pub struct RaftLog {
     snapshot_index: u64,
     snapshot_term: u64,
     last_index: u64,
+    /// The data size of each entry appended since the log was opened and
+    /// still held (oldest first), and their sum: small file contents ride
+    /// in entries, so the log is bounded in bytes as well as in entries.
+    sizes: VecDeque<(u64, u64)>,
+    bytes: u64,
     /// The last snapshot written for a peer, reused while the log still
     /// holds every entry after it.
     last_snapshot: Mutex<Option<Snapshot>>,
@@ -60,6 +67,8 @@ impl RaftLog {
             snapshot_index: snap.index,
             snapshot_term: snap.term,
             last_index: snap.index,
+            sizes: VecDeque::new(),
+            bytes: 0,
             last_snapshot: Mutex::new(None),
         };
         {
@@ -126,6 +135,7 @@ impl RaftLog {
         self.snapshot_index = meta.index;
         self.snapshot_term = meta.term;
         self.last_index = meta.index;
+        self.forget_sizes_upto(u64::MAX);
         Ok(())
     }
 
@@ -145,14 +155,54 @@ impl RaftLog {
         self.last_index
     }
 
+    /// Bytes of entry data in the log (of the entries appended since it
+    /// was opened).
+    pub fn bytes_now(&self) -> u64 {
+        self.bytes
+    }
+
+    /// The lowest index the log can be compacted up to so that what
+    /// remains holds at most `bytes` of entry data.
+    pub fn index_keeping(&self, bytes: u64) -> u64 {
+        let mut excess = self.bytes.saturating_sub(bytes);
+        let mut index = self.snapshot_index;
+        for &(i, size) in &self.sizes {
+            if excess == 0 {
+                break;
+            }
+            excess = excess.saturating_sub(size);
+            index = i;
+        }
+        index
+    }
+
+    /// Forgets the sizes of the entries from `first` on (replaced).
+    fn forget_sizes_from(&mut self, first: u64) {
+        while let Some(&(_, size)) = self.sizes.back().filter(|(i, _)| *i >= first) {
+            self.sizes.pop_back();
+            self.bytes -= size;
+        }
+    }
+
+    /// Forgets the sizes of the entries up to `last` (compacted).
+    fn forget_sizes_upto(&mut self, last: u64) {
+        while let Some(&(_, size)) = self.sizes.front().filter(|(i, _)| *i <= last) {
+            self.sizes.pop_front();
+            self.bytes -= size;
+        }
+    }
+
     /// Adds entries to the batch, replacing any conflicting tail.
     pub fn append(&mut self, batch: &mut WriteBatch, entries: &[Entry]) {
         let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
             return;
         };
+        self.forget_sizes_from(first.index);
         let cf = self.store.cf(CF_RAFT);
         for e in entries {
             batch.put_cf(cf, entry_key(e.index), e.encode_to_vec());
+            self.sizes.push_back((e.index, e.data.len() as u64));
+            self.bytes += e.data.len() as u64;
         }
         if last.index < self.last_index {
             batch.delete_range_cf(
@@ -193,6 +243,7 @@ impl RaftLog {
         self.store.db().write(batch).map_err(storage_err)?;
         self.snapshot_index = index;
         self.snapshot_term = term;
+        self.forget_sizes_upto(index);
         Ok(())
     }
 
@@ -335,4 +386,48 @@ fn load<M: prost011::Message + Default>(store: &Store, key: &[u8]) -> raft::Resu
 
 fn storage_err(e: impl ToString) -> raft::Error {
     raft::Error::Store(StorageError::Other(e.to_string().into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(index: u64, bytes: usize) -> Entry {
+        Entry {
+            index,
+            term: 1,
+            data: vec![7; bytes],
+            ..Default::default()
+        }
+    }
+
+    fn append(log: &mut RaftLog, entries: &[Entry]) {
+        let mut batch = WriteBatch::default();
+        log.append(&mut batch, entries);
+        log.store.db().write(batch).unwrap();
+    }
+
+    #[test]
+    fn the_log_counts_its_bytes_through_appends_conflicts_and_compactions() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db"), true).unwrap();
+        RaftLog::bootstrap(&store, 1).unwrap();
+        let mut log = RaftLog::open(store).unwrap();
+        append(
+            &mut log,
+            &(2..=5).map(|i| entry(i, 100)).collect::<Vec<_>>(),
+        );
+        assert_eq!(log.bytes_now(), 400);
+        // Keeping 250 bytes means dropping entries 2 and 3 (200 bytes).
+        assert_eq!(log.index_keeping(250), 3);
+        assert_eq!(log.index_keeping(400), 1, "nothing to drop");
+        // A new leader replaces entries 4 and 5 with one of 1000 bytes.
+        append(&mut log, &[entry(4, 1000)]);
+        assert_eq!(log.bytes_now(), 1200);
+        assert_eq!(log.last_index_now(), 4);
+        log.compact(3).unwrap();
+        assert_eq!(log.bytes_now(), 1000);
+        assert_eq!(log.first_index_now(), 4);
+        assert_eq!(log.index_keeping(0), 4);
+    }
 }

@@ -69,6 +69,7 @@ fn random_log(seed: u64, n: usize) -> Vec<Command> {
                         })
                         .collect(),
                     mtime_ns: i as i64,
+                    carried: vec![],
                 }),
                 _ => Op::Reap(proto::Reap { ino }),
             };

@@ -150,6 +150,12 @@ impl ChunkStore {
         if blake3::hash(data).as_bytes() != hash {
             return Ok(false);
         }
+        self.put_hashed(hash, data)?;
+        Ok(true)
+    }
+
+    /// Stores a chunk whose `hash` the caller has just computed itself.
+    pub fn put_hashed(&self, hash: &Hash, data: &[u8]) -> Result<()> {
         self.space.check(data.len())?;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -158,7 +164,7 @@ impl ChunkStore {
         batch.put_cf(self.store.cf(CF_CHUNKS), hash, data);
         batch.put_cf(self.store.cf(CF_META), garbage_key(hash), now.to_be_bytes());
         self.store.db().write(batch)?;
-        Ok(true)
+        Ok(())
     }
 
     /// The chunk with `hash`, verified; `snapshot` gives a consistent view.

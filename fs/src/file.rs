@@ -219,6 +219,7 @@ impl FileState {
             truncated_at: self.truncated_at,
             chunks,
             mtime_ns: self.mtime_ns,
+            carried: vec![],
         })
     }
 

@@ -25,7 +25,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use wpfs_consensus::mailbox::{self, RecvError, Sender};
-use wpfs_consensus::namespace::{Hash, Namespace};
+use wpfs_consensus::namespace::Namespace;
 use wpfs_consensus::ApplyObserver;
 use wpfs_proto::{Command, Op, Outcome};
 
@@ -154,11 +154,7 @@ impl ApplyObserver for RemoteChanges {
             Some(Op::SetContent(s)) => {
                 self.inode(s.ino);
                 if let Some(r) = &self.replicator {
-                    let hashes = s
-                        .chunks
-                        .iter()
-                        .filter_map(|c| Hash::try_from(&c.hash[..]).ok());
-                    r.want(hashes, cmd.node_id);
+                    r.received(s, cmd.node_id);
                 }
             }
             Some(Op::Reap(_)) | None => {}

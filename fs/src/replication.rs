@@ -11,12 +11,22 @@
 //! Reads do not wait for this: a read of a chunk not here yet fetches it
 //! on demand (`ChunkSource`).
 //!
+//! Small writes skip all of that: new chunks of up to `CARRY_MAX` bytes
+//! ride in the `set_content` command itself (`carried`), and every data
+//! node stores them as it applies the command. Most of a WordPress tree is
+//! such files; each would otherwise cost a push and its answer on the
+//! writer and a store on every peer, outside the Raft messages that carry
+//! the command anyway.
+//!
 //! Copies: before a writer commits new contents, it pushes the new chunks
 //! to `copies - 1` other data nodes (`place`), so a close() that returned
-//! never depends on the writer's disk alone. When too few data nodes are
-//! reachable the commit goes ahead (a write must not hang on a dead peer)
-//! and the chunks are counted as under-replicated until a later push
-//! succeeds. A witness neither stores nor serves contents.
+//! never depends on the writer's disk alone. Carried chunks need no push
+//! when any majority of voters holds `copies` data nodes
+//! (`commit_places_copies`): the commit itself then puts them there. When
+//! too few data nodes are reachable the commit goes ahead (a write must
+//! not hang on a dead peer) and the chunks are counted as under-replicated
+//! until a later push succeeds. A witness neither stores nor serves
+//! contents.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,7 +38,7 @@ use wpfs_consensus::mailbox::{self, Receiver, Sender};
 use wpfs_consensus::namespace::{Hash, Namespace};
 use wpfs_consensus::Transport;
 use wpfs_proto::peer_request::Kind;
-use wpfs_proto::StoreChunks;
+use wpfs_proto::{Member, SetContent, StoreChunks};
 
 use crate::chunks::{hex, ChunkSource, ChunkStore};
 use crate::throttle::{held_back, Throttle};
@@ -40,6 +50,10 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 const MEMBERS_FRESH: Duration = Duration::from_secs(1);
 /// Chunks pushed in one request (64 KiB each: 4 MiB).
 const PUSH_BATCH: usize = 64;
+/// New chunks up to this many bytes in all ride in their command. The Raft
+/// log keeps them until it is compacted (bounded in bytes too, see
+/// `consensus::node`).
+pub const CARRY_MAX: usize = 64 * 1024;
 
 /// One chunk this node lacks, and who probably has it (0: anyone).
 struct Want {
@@ -57,8 +71,8 @@ pub struct Replicator {
     witness: bool,
     /// Chunks written here that are on fewer than `copies` nodes.
     under_replicated: Mutex<HashSet<Hash>>,
-    /// Data members other than this node, and when they were read.
-    members: Mutex<(Option<Instant>, Vec<u64>)>,
+    /// Members other than this node, and when they were read.
+    members: Mutex<(Option<Instant>, Vec<Member>)>,
     queue: Sender<Want>,
     /// Chunks wanted and not stored yet: the replication backlog.
     backlog: Mutex<HashSet<Hash>>,
@@ -137,6 +151,27 @@ impl Replicator {
         }
     }
 
+    /// New contents written on node `writer` were applied here: stores the
+    /// chunks the command carries and queues the others this node lacks.
+    pub fn received(&self, content: &SetContent, writer: u64) {
+        if self.witness {
+            return;
+        }
+        for data in &content.carried {
+            let hash = *blake3::hash(data).as_bytes();
+            if !self.chunks.contains(&hash).unwrap_or(false) {
+                // A failure (a full disk) leaves it to the fetch below.
+                let stored = self.chunks.put_hashed(&hash, data).map(|()| true);
+                self.stored(&hash, data.len(), stored);
+            }
+        }
+        let hashes = content
+            .chunks
+            .iter()
+            .filter_map(|c| Hash::try_from(&c.hash[..]).ok());
+        self.want(hashes, writer);
+    }
+
     /// Queues every referenced chunk that is missing here.
     pub fn scan(&self) {
         match self.namespace.referenced_chunks() {
@@ -200,23 +235,43 @@ impl Replicator {
         self.copies.min(self.data_members().len() + 1)
     }
 
-    /// The other members that store contents (re-read at most once a
-    /// second: every close() asks).
+    /// Whether new chunks of `bytes` bytes ride in their command: small
+    /// ones, when there is another data node to carry them to.
+    pub fn carries(&self, bytes: usize) -> bool {
+        bytes <= CARRY_MAX && !self.data_members().is_empty()
+    }
+
+    /// Whether committing a command that carries chunks puts them on
+    /// `copies_wanted` data nodes. A commit is on some majority of
+    /// `voters`; the writer holds the chunks too, so the worst majority
+    /// (the writer outside it, witnesses inside) still does if it has
+    /// that many data nodes.
+    pub fn commit_places_copies(&self, voters: &[u64]) -> bool {
+        let witnesses = self.others(|m| m.witness && voters.contains(&m.node_id));
+        voters.len() / 2 + 1 >= self.copies_wanted() + witnesses.len()
+    }
+
+    /// The other members that store contents.
     fn data_members(&self) -> Vec<u64> {
+        self.others(|m| !m.witness)
+    }
+
+    /// The other members `which` picks (the list is re-read at most once
+    /// a second: every close() asks).
+    fn others(&self, which: impl Fn(&Member) -> bool) -> Vec<u64> {
         let mut cache = self.members.lock();
         if cache.0.is_none_or(|at| at.elapsed() > MEMBERS_FRESH) {
             let me = self.transport.node_id();
-            cache.1 = self
-                .namespace
-                .members()
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|m| !m.witness && m.node_id != me)
-                .map(|m| m.node_id)
-                .collect();
+            cache.1 = self.namespace.members().unwrap_or_default();
+            cache.1.retain(|m| m.node_id != me);
             cache.0 = Some(Instant::now());
         }
-        cache.1.clone()
+        cache
+            .1
+            .iter()
+            .filter(|m| which(m))
+            .map(|m| m.node_id)
+            .collect()
     }
 
     /// Connected members that store contents, `first` (if one) first.
@@ -247,20 +302,24 @@ impl Replicator {
             self.backlog.lock().remove(&want.hash);
             return;
         }
-        match self.fetch_from(&want.hash, want.from) {
-            Some(data) if self.store(&want.hash, &data) => {
-                self.backlog.lock().remove(&want.hash);
-            }
-            _ => self.failed.lock().push(want),
+        let stored = self.fetch_from(&want.hash, want.from).is_some_and(|data| {
+            let stored = self.chunks.put_verified(&want.hash, &data);
+            self.stored(&want.hash, data.len(), stored)
+        });
+        if stored {
+            self.backlog.lock().remove(&want.hash);
+        } else {
+            self.failed.lock().push(want);
         }
     }
 
-    fn store(&self, hash: &Hash, data: &[u8]) -> bool {
-        match self.chunks.put_verified(hash, data) {
+    /// Counts a chunk of `len` bytes that came from elsewhere and was
+    /// stored, or says why it was not.
+    fn stored(&self, hash: &Hash, len: usize, stored: crate::error::Result<bool>) -> bool {
+        match stored {
             Ok(true) => {
                 self.fetched_chunks.fetch_add(1, Ordering::Relaxed);
-                self.fetched_bytes
-                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                self.fetched_bytes.fetch_add(len as u64, Ordering::Relaxed);
                 true
             }
             Ok(false) => {

@@ -172,7 +172,7 @@ impl Handler for PeerHandler {
                 for data in batch.chunks {
                     let hash = *blake3::hash(&data).as_bytes();
                     s.chunks
-                        .put_verified(&hash, &data)
+                        .put_hashed(&hash, &data)
                         .map_err(|e| format!("{e:?}"))?;
                 }
                 Ok(vec![])

@@ -12,6 +12,11 @@
 #   cross-node visibility), and the catch-up rate of a fourth node that
 #   joins the populated cluster.
 #
+# Runs alternate between the targets (local disk, one node, three nodes),
+# one run of each per round, rather than taking all of one target's runs
+# in a row: on a shared VM a slow spell then slows every target of that
+# round instead of one target's medians, so the ratios stay meaningful.
+#
 # Needs the wpbench harness: WPBENCH=path, default ../shared/bench/wpbench.
 # Builds nothing: run `make build` first (uses $BIN, default the dev build).
 set -euo pipefail
@@ -24,6 +29,17 @@ BIN=${BIN:-/var/tmp/wpfs-target/debug}
 nodes=1
 if [ "${1:-}" = "--nodes" ]; then nodes=$2; shift 2; fi
 case $nodes in 1|3) ;; *) echo "--nodes must be 1 or 3" >&2; exit 2 ;; esac
+# --runs is taken here (the rounds); --only is kept apart for the follower.
+runs=3
+args=()
+only=()
+while [ $# -gt 0 ]; do
+    case $1 in
+        --runs) runs=$2; shift 2 ;;
+        --only) only=(--only "$2"); shift 2 ;;
+        *) args+=("$1"); shift ;;
+    esac
+done
 
 work=$(mktemp -d /var/tmp/wpfs-bench-XXXX)
 cleanup() {
@@ -36,11 +52,12 @@ results=$work/results.jsonl
 mkdir -p "$work/local"
 
 # node N: data in $work/dN, mounted at $work/mntN, peers on 127.0.0.1:749N.
+# Node 0 is a cluster of its own: the one-node target.
 start_node() {
     local n=$1
     mkdir -p "$work/mnt$n"
-    if [ "$n" = 1 ]; then
-        "$BIN/wpfs" init --data "$work/d1" --node-id 1 --listen 127.0.0.1:7491 >/dev/null
+    if [ "$n" = 0 ] || [ "$n" = 1 ]; then
+        "$BIN/wpfs" init --data "$work/d$n" --node-id 1 --listen "127.0.0.1:749$n" >/dev/null
     else
         "$BIN/wpfs" join --data "$work/d$n" --node-id "$n" --listen "127.0.0.1:749$n" \
             --peer 127.0.0.1:7491 --token "$("$BIN/wpfs" token --data "$work/d1")" >/dev/null
@@ -50,25 +67,31 @@ start_node() {
 status() { "$BIN/wpfs" status --data "$work/d$1" --json; }
 field() { python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
 
-"$WPBENCH" --label local "$@" --json-out "$results" "$work/local" >/dev/null
+bench() {
+    local label=$1
+    shift
+    "$WPBENCH" --label "$label" --runs 1 "${only[@]}" "${args[@]}" --json-out "$results" "$@" \
+        >/dev/null
+}
 
-start_node 1
-"$WPBENCH" --label wpfs-1node "$@" --json-out "$results" "$work/mnt1" >/dev/null
-
+start_node 0
 if [ "$nodes" = 3 ]; then
+    start_node 1
     start_node 2
     start_node 3
-    "$WPBENCH" --label wpfs-3node "$@" --json-out "$results" "$work/mnt1" "$work/mnt2" >/dev/null
+fi
+for _ in $(seq "$runs"); do
+    bench local "$work/local"
+    bench wpfs-1node "$work/mnt0"
+    if [ "$nodes" = 3 ]; then
+        bench wpfs-3node "$work/mnt1" "$work/mnt2"
+    fi
+done
+
+if [ "$nodes" = 3 ]; then
     # Reads stay local: the include storm on a follower.
-    args=()
-    skip=0
-    for a in "$@"; do
-        if [ $skip = 1 ]; then skip=0; continue; fi
-        if [ "$a" = --only ]; then skip=1; continue; fi
-        args+=("$a")
-    done
-    "$WPBENCH" --label wpfs-3node-follower "${args[@]}" --only W2 --json-out "$results" \
-        "$work/mnt2" >/dev/null
+    "$WPBENCH" --label wpfs-3node-follower --runs "$runs" "${args[@]}" --only W2 \
+        --json-out "$results" "$work/mnt2" >/dev/null
 
     # Catch-up of a fourth node: the WordPress tree plus 256 MiB of media.
     mkdir -p "$work/mnt1/catchup"

@@ -325,6 +325,11 @@ impl Node {
         self.shared.status.lock().clone()
     }
 
+    /// The voters, as the last Ready left them.
+    pub fn voters(&self) -> Vec<u64> {
+        self.shared.status.lock().voters.clone()
+    }
+
     /// Hands a message from a peer to Raft: on this thread when the
     /// driver is free (see the module comment), else through the driver
     /// thread.

@@ -577,26 +577,18 @@ impl FsCore {
         if !state.is_dirty() {
             return Ok(());
         }
-        let mut update = state.update(&self.contents)?;
+        let replicator = self.replicator.get();
+        let carry_max = replicator.map_or(0, |r| r.carry_max());
+        let update = state.update(&self.contents, carry_max)?;
         let new: Vec<Hash> = update
             .chunks
             .iter()
             .filter_map(|c| Hash::try_from(&c.hash[..]).ok())
             .collect();
-        let replicator = self.replicator.get().filter(|_| !new.is_empty());
-        let bytes: usize = update.chunks.iter().map(|c| c.len as usize).sum();
-        if replicator.is_some_and(|r| r.carries(bytes)) {
-            update.carried = new
-                .iter()
-                .map(|h| self.contents.chunks.get(h, None))
-                .collect::<Result<_>>()?;
-        }
         // The copies travel while the command commits; close() returns
         // when both are done. Carried chunks arrive with the commit.
         let placer = replicator.filter(|r| {
-            r.copies_wanted() > 1
-                && (update.carried.is_empty()
-                    || !r.commit_places_copies(&self.node.status().voters))
+            !new.is_empty() && r.must_push(!update.carried.is_empty(), || self.node.voters())
         });
         let outcome = match placer {
             Some(r) => std::thread::scope(|scope| {

@@ -137,7 +137,7 @@ impl FileState {
         self.mtime_ns = now_ns;
         self.changed = true;
         if self.buffered > MAX_BUFFERED_CHUNKS {
-            self.seal_all(contents)?;
+            self.seal_all(contents, false)?;
         }
         Ok(())
     }
@@ -175,28 +175,44 @@ impl FileState {
         Ok(())
     }
 
-    /// Stores every buffered slot as a chunk, keeping it pinned.
-    fn seal_all(&mut self, contents: &Contents) -> Result<()> {
+    /// Stores every buffered slot as a chunk, keeping it pinned. With
+    /// `carry`, the sealed bytes are handed back rather than dropped.
+    fn seal_all(&mut self, contents: &Contents, carry: bool) -> Result<Vec<Vec<u8>>> {
         let pins = self
             .pins
             .get_or_insert_with(|| Pinned::new(contents.chunks.clone()));
+        let mut carried = Vec::new();
         for slot in self.dirty.values_mut() {
             if let Slot::Buffered(buf) = slot {
                 let hash = pins.put(buf)?;
+                let buf = std::mem::take(buf);
                 *slot = Slot::Sealed {
                     hash,
                     len: buf.len() as u32,
                 };
+                if carry && !buf.is_empty() {
+                    carried.push(buf);
+                }
             }
         }
         self.buffered = 0;
-        Ok(())
+        Ok(carried)
     }
 
-    /// The command that commits what changed. The state stays dirty until
-    /// `committed` is called, so a failed commit can be retried.
-    pub fn update(&mut self, contents: &Contents) -> Result<SetContent> {
-        self.seal_all(contents)?;
+    /// The command that commits what changed, carrying the new chunks'
+    /// bytes when they are all still buffered and at most `carry_max` in
+    /// all (see `replication`). The state stays dirty until `committed` is
+    /// called, so a failed commit can be retried.
+    pub fn update(&mut self, contents: &Contents, carry_max: usize) -> Result<SetContent> {
+        let mut bytes = 0;
+        let all_buffered = self.dirty.values().all(|slot| match slot {
+            Slot::Buffered(buf) => {
+                bytes += buf.len();
+                true
+            }
+            Slot::Sealed { len, .. } => *len == 0,
+        });
+        let carried = self.seal_all(contents, all_buffered && bytes <= carry_max)?;
         let chunks = self
             .dirty
             .iter()
@@ -219,7 +235,7 @@ impl FileState {
             truncated_at: self.truncated_at,
             chunks,
             mtime_ns: self.mtime_ns,
-            carried: vec![],
+            carried,
         })
     }
 

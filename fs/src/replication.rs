@@ -22,7 +22,7 @@
 //! to `copies - 1` other data nodes (`place`), so a close() that returned
 //! never depends on the writer's disk alone. Carried chunks need no push
 //! when any majority of voters holds `copies` data nodes
-//! (`commit_places_copies`): the commit itself then puts them there. When
+//! (`must_push`): the commit itself then puts them there. When
 //! too few data nodes are reachable the commit goes ahead (a write must
 //! not hang on a dead peer) and the chunks are counted as under-replicated
 //! until a later push succeeds. A witness neither stores nor serves
@@ -72,7 +72,7 @@ pub struct Replicator {
     /// Chunks written here that are on fewer than `copies` nodes.
     under_replicated: Mutex<HashSet<Hash>>,
     /// Members other than this node, and when they were read.
-    members: Mutex<(Option<Instant>, Vec<Member>)>,
+    members: Mutex<(Option<Instant>, Arc<[Member]>)>,
     queue: Sender<Want>,
     /// Chunks wanted and not stored yet: the replication backlog.
     backlog: Mutex<HashSet<Hash>>,
@@ -114,7 +114,7 @@ impl Replicator {
             copies: config.copies.max(1),
             witness: config.witness,
             under_replicated: Mutex::new(HashSet::new()),
-            members: Mutex::new((None, Vec::new())),
+            members: Mutex::new((None, Arc::from([]))),
             queue: tx,
             backlog: Mutex::new(HashSet::new()),
             failed: Mutex::new(Vec::new()),
@@ -232,46 +232,67 @@ impl Replicator {
     /// How many nodes should hold new contents: `copies`, or fewer when
     /// the cluster has fewer data nodes.
     pub fn copies_wanted(&self) -> usize {
-        self.copies.min(self.data_members().len() + 1)
+        self.wanted(&self.others())
     }
 
-    /// Whether new chunks of `bytes` bytes ride in their command: small
-    /// ones, when there is another data node to carry them to.
-    pub fn carries(&self, bytes: usize) -> bool {
-        bytes <= CARRY_MAX && !self.data_members().is_empty()
+    fn wanted(&self, others: &[Member]) -> usize {
+        self.copies
+            .min(others.iter().filter(|m| !m.witness).count() + 1)
     }
 
-    /// Whether committing a command that carries chunks puts them on
-    /// `copies_wanted` data nodes. A commit is on some majority of
-    /// `voters`; the writer holds the chunks too, so the worst majority
-    /// (the writer outside it, witnesses inside) still does if it has
-    /// that many data nodes.
-    pub fn commit_places_copies(&self, voters: &[u64]) -> bool {
-        let witnesses = self.others(|m| m.witness && voters.contains(&m.node_id));
-        voters.len() / 2 + 1 >= self.copies_wanted() + witnesses.len()
+    /// How many bytes of new chunks a command may carry: `CARRY_MAX`, or
+    /// none when there is no other data node to carry them to.
+    pub fn carry_max(&self) -> usize {
+        if self.others().iter().any(|m| !m.witness) {
+            CARRY_MAX
+        } else {
+            0
+        }
+    }
+
+    /// Whether a writer must push its new chunks before the commit:
+    /// unless `copies_wanted` is one, or the command carries them and the
+    /// commit itself puts them on that many data nodes. A commit is on some
+    /// majority of `voters`; the writer holds the chunks too, so the worst
+    /// majority (the writer outside it, witnesses inside) must still hold
+    /// that many.
+    pub fn must_push(&self, carried: bool, voters: impl FnOnce() -> Vec<u64>) -> bool {
+        let others = self.others();
+        let wanted = self.wanted(&others);
+        if wanted <= 1 {
+            return false;
+        }
+        if !carried {
+            return true;
+        }
+        let voters = voters();
+        let witnesses = others
+            .iter()
+            .filter(|m| m.witness && voters.contains(&m.node_id))
+            .count();
+        voters.len() / 2 + 1 < wanted + witnesses
     }
 
     /// The other members that store contents.
     fn data_members(&self) -> Vec<u64> {
-        self.others(|m| !m.witness)
+        self.others()
+            .iter()
+            .filter(|m| !m.witness)
+            .map(|m| m.node_id)
+            .collect()
     }
 
-    /// The other members `which` picks (the list is re-read at most once
-    /// a second: every close() asks).
-    fn others(&self, which: impl Fn(&Member) -> bool) -> Vec<u64> {
+    /// The members other than this node (re-read at most once a second:
+    /// every close() asks).
+    fn others(&self) -> Arc<[Member]> {
         let mut cache = self.members.lock();
         if cache.0.is_none_or(|at| at.elapsed() > MEMBERS_FRESH) {
             let me = self.transport.node_id();
-            cache.1 = self.namespace.members().unwrap_or_default();
-            cache.1.retain(|m| m.node_id != me);
-            cache.0 = Some(Instant::now());
+            let mut members = self.namespace.members().unwrap_or_default();
+            members.retain(|m| m.node_id != me);
+            *cache = (Some(Instant::now()), members.into());
         }
-        cache
-            .1
-            .iter()
-            .filter(|m| which(m))
-            .map(|m| m.node_id)
-            .collect()
+        cache.1.clone()
     }
 
     /// Connected members that store contents, `first` (if one) first.

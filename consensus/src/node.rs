@@ -1,9 +1,10 @@
 //! The Raft driver: one thread owns the `raft::RawNode` and runs the
-//! canonical loop of raft-rs's `five_mem_node` example:
+//! canonical loop of raft-rs's `five_mem_node` example, with the apply
+//! moved after the answers (it is off the leader's path then):
 //!
 //! ```text
-//! propose / tick → ready → send messages → apply committed entries →
-//! persist entries and hard state → send persisted messages → advance →
+//! propose / tick → ready → send messages → persist entries and hard
+//! state → send persisted messages → apply committed entries → advance →
 //! apply newly committed → advance_apply
 //! ```
 //!
@@ -761,8 +762,6 @@ impl Driver {
             let snap = ready.snapshot().clone();
             self.install_snapshot(&snap)?;
         }
-        self.apply(ready.take_committed_entries())?;
-
         let mut batch = WriteBatch::default();
         let mut sync = false;
         let old = self.raw.store().hard_state().clone();
@@ -778,6 +777,10 @@ impl Driver {
         }
         self.write(batch, sync)?;
         self.send(ready.take_persisted_messages());
+        // Applying comes after the answer to the leader: a follower learns
+        // that entry N committed with the append of N+1, and N's apply
+        // (namespace, carried chunks) would otherwise delay N+1's commit.
+        self.apply(ready.take_committed_entries())?;
 
         let mut light = self.raw.advance(ready);
         if let Some(commit) = light.commit_index() {

@@ -3,7 +3,10 @@
 //!
 //! Every node applies the same Raft log to it, so it must be deterministic:
 //! a command carries everything it needs (names, modes, owners, the
-//! writer's clock) and the state machine allocates inode numbers itself.
+//! writer's clock) and the state machine allocates inode numbers itself,
+//! in order, to commands and to `Reserve`s (a range a node then hands to
+//! the files it creates without waiting: they are born with their first
+//! contents, in one command).
 //! An illegal command (rmdir of a non-empty directory, a rename into its
 //! own subtree…) changes nothing and returns the errno as its outcome,
 //! which the proposing node hands back to the syscall.
@@ -44,6 +47,8 @@ pub const NAME_MAX: usize = 255;
 /// First readdir cookie of a directory's entries; 1 and 2 are "." and "..".
 const FIRST_COOKIE: u64 = 3;
 const LINK_MAX: u32 = 65_000;
+/// The most numbers one `Reserve` hands out.
+pub const RESERVE_MAX: u64 = 1 << 20;
 
 const KEY_APPLIED: &[u8] = b"sapplied";
 const KEY_NEXT_INO: &[u8] = b"snext_ino";
@@ -397,6 +402,7 @@ impl Namespace {
         let at = seen.partition_point(|id| *id < cmd.request_id);
         seen.insert(at, cmd.request_id);
         let mut txn = Txn::new(self, cmd.now_ns);
+        let mut reserved = 0;
         let result = match &cmd.op {
             Some(Op::Create(c)) => txn.create(c),
             Some(Op::Link(l)) => txn.link(l),
@@ -407,16 +413,25 @@ impl Namespace {
             Some(Op::SetXattr(x)) => txn.set_xattr(x),
             Some(Op::RemoveXattr(x)) => txn.remove_xattr(x),
             Some(Op::Reap(r)) => txn.reap(r.ino).map(|_| None),
+            Some(Op::Reserve(r)) => txn.reserve(r.count).map(|first| {
+                reserved = first;
+                None
+            }),
             None => errno(libc::EINVAL),
         };
         let outcome = match result {
             Ok(inode) => {
                 txn.finish()?;
-                Outcome { errno: 0, inode }
+                Outcome {
+                    errno: 0,
+                    inode,
+                    reserved,
+                }
             }
             Err(Error::Errno(e)) => Outcome {
                 errno: e,
                 inode: None,
+                reserved: 0,
             },
             Err(other) => return Err(other),
         };
@@ -439,6 +454,44 @@ fn applied_value(index: u64, term: u64) -> Vec<u8> {
 
 fn is_kind(inode: &Inode, kind: FileKind) -> bool {
     inode.kind == kind as i32
+}
+
+/// The inode `c` creates in directory `parent`, numbered `ino`, at `now`.
+/// Also how a node shows a file it has created but not yet proposed.
+pub fn new_inode(c: &wpfs_proto::Create, parent: &Inode, ino: u64, now: i64) -> Inode {
+    let is_dir = c.kind == FileKind::Directory as i32;
+    let mut mode = c.mode & 0o7777;
+    let mut gid = c.gid;
+    // A setgid directory hands its group down, and its setgid bit to
+    // subdirectories (as ext4 does).
+    if parent.mode & libc::S_ISGID != 0 {
+        gid = parent.gid;
+        if is_dir {
+            mode |= libc::S_ISGID;
+        }
+    }
+    Inode {
+        ino,
+        kind: c.kind,
+        mode,
+        uid: c.uid,
+        gid,
+        size: if c.kind == FileKind::Symlink as i32 {
+            c.symlink_target.len() as u64
+        } else {
+            0
+        },
+        atime_ns: now,
+        mtime_ns: now,
+        ctime_ns: now,
+        crtime_ns: now,
+        nlink: if is_dir { 2 } else { 1 },
+        rdev: c.rdev,
+        symlink_target: c.symlink_target.clone(),
+        xattrs: vec![],
+        parent: if is_dir { c.parent } else { 0 },
+        next_cookie: if is_dir { FIRST_COOKIE } else { 0 },
+    }
 }
 
 fn check_name(name: &[u8]) -> Result<()> {
@@ -544,13 +597,39 @@ impl<'a> Txn<'a> {
         Ok(empty)
     }
 
-    fn alloc_ino(&mut self) -> Result<u64> {
-        let next = match self.next_ino {
+    /// The lowest inode number never handed out.
+    fn next_free(&self) -> Result<u64> {
+        Ok(match self.next_ino {
             Some(n) => n,
             None => self.ns.counter(KEY_NEXT_INO)?.max(ROOT_INO + 1),
-        };
-        self.next_ino = Some(next + 1);
-        Ok(next)
+        })
+    }
+
+    /// Hands out `count` numbers in a row; returns the first.
+    fn reserve(&mut self, count: u64) -> Result<u64> {
+        if count == 0 || count > RESERVE_MAX {
+            return errno(libc::EINVAL);
+        }
+        let first = self.next_free()?;
+        self.next_ino = Some(first + count);
+        Ok(first)
+    }
+
+    /// The number of a new inode: the one its proposer reserved, if any.
+    fn new_ino(&mut self, reserved: u64) -> Result<u64> {
+        if reserved == 0 {
+            return self.reserve(1);
+        }
+        // Reserved numbers are below the counter and used once; anything
+        // else is a bug or garbage, and must not overwrite an inode.
+        if reserved <= ROOT_INO
+            || reserved >= self.next_free()?
+            || self.inodes.contains_key(&reserved)
+            || self.ns.inode(reserved)?.is_some()
+        {
+            return errno(libc::EINVAL);
+        }
+        Ok(reserved)
     }
 
     fn create(&mut self, c: &wpfs_proto::Create) -> Result<Option<Inode>> {
@@ -574,39 +653,8 @@ impl<'a> Txn<'a> {
         if is_dir && parent.nlink >= LINK_MAX {
             return errno(libc::EMLINK);
         }
-        let ino = self.alloc_ino()?;
-        let mut mode = c.mode & 0o7777;
-        let mut gid = c.gid;
-        // A setgid directory hands its group down, and its setgid bit to
-        // subdirectories (as ext4 does).
-        if parent.mode & libc::S_ISGID != 0 {
-            gid = parent.gid;
-            if is_dir {
-                mode |= libc::S_ISGID;
-            }
-        }
-        let inode = Inode {
-            ino,
-            kind: kind as i32,
-            mode,
-            uid: c.uid,
-            gid,
-            size: if kind == FileKind::Symlink {
-                c.symlink_target.len() as u64
-            } else {
-                0
-            },
-            atime_ns: self.now,
-            mtime_ns: self.now,
-            ctime_ns: self.now,
-            crtime_ns: self.now,
-            nlink: if is_dir { 2 } else { 1 },
-            rdev: c.rdev,
-            symlink_target: c.symlink_target.clone(),
-            xattrs: vec![],
-            parent: if is_dir { c.parent } else { 0 },
-            next_cookie: if is_dir { FIRST_COOKIE } else { 0 },
-        };
+        let inode = new_inode(c, &parent, self.new_ino(c.ino)?, self.now);
+        let ino = inode.ino;
         self.add_entry(&mut parent, &c.name, ino, kind as i32);
         if is_dir {
             parent.nlink += 1;
@@ -908,7 +956,19 @@ impl<'a> Txn<'a> {
     }
 
     fn set_content(&mut self, s: &wpfs_proto::SetContent) -> Result<Option<Inode>> {
-        let mut inode = self.inode(s.ino)?;
+        // A file born with its contents (`create`) has no slots yet, unless
+        // another node made the name meanwhile: then the new contents
+        // replace that file's whole.
+        let mut born = None;
+        let mut inode = match &s.create {
+            Some(c) if c.kind == FileKind::Regular as i32 && !c.exclusive => {
+                born = Some(self.entry(c.parent, &c.name)?.is_none());
+                self.create(c)?.ok_or(Error::Errno(libc::EIO))?
+            }
+            Some(_) => return errno(libc::EINVAL),
+            None => self.inode(s.ino)?,
+        };
+        let ino = inode.ino;
         if !is_kind(&inode, FileKind::Regular) {
             return errno(if is_kind(&inode, FileKind::Directory) {
                 libc::EISDIR
@@ -918,21 +978,23 @@ impl<'a> Txn<'a> {
         }
         // Slots past the truncation point (or past a smaller new size) go
         // first; the chunks below may then fill some of them again.
-        let cut = match s.truncated_at {
-            Some(at) => Some(at.min(s.size)),
-            None if s.size < inode.size => Some(s.size),
-            None => None,
+        let cut = match (born, s.truncated_at) {
+            (Some(true), _) => None,
+            (Some(false), _) => Some(0),
+            (None, Some(at)) => Some(at.min(s.size)),
+            (None, None) if s.size < inode.size => Some(s.size),
+            (None, None) => None,
         };
         let dropped_from = cut.map(|c| c.div_ceil(CHUNK_SIZE));
         if let Some(first) = dropped_from {
-            self.drop_slots(s.ino, first)?;
+            self.drop_slots(ino, first)?;
         }
         let slots_end = s.size.div_ceil(CHUNK_SIZE);
         for c in &s.chunks {
             if c.index >= slots_end {
                 continue;
             }
-            let key = slot_key(s.ino, c.index);
+            let key = slot_key(ino, c.index);
             if dropped_from.is_none_or(|d| c.index < d) {
                 if let Some(old) = self.ns.get(&key)? {
                     *self.refs.entry(old[..32].to_vec()).or_default() -= 1;

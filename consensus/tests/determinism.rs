@@ -6,7 +6,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rocksdb::IteratorMode;
 use wpfs_consensus::store::CF_META;
-use wpfs_consensus::{Namespace, Store};
+use wpfs_consensus::{Namespace, Store, ROOT_INO};
 use wpfs_proto::{self as proto, ChunkRef, Command, FileKind, Op};
 
 fn random_log(seed: u64, n: usize) -> Vec<Command> {
@@ -17,7 +17,7 @@ fn random_log(seed: u64, n: usize) -> Vec<Command> {
             let ino = rng.random_range(1..40u64);
             let parent = rng.random_range(1..40u64);
             let name = names[rng.random_range(0..names.len())].to_vec();
-            let op = match rng.random_range(0..8) {
+            let op = match rng.random_range(0..10) {
                 0 | 1 => Op::Create(proto::Create {
                     parent,
                     name,
@@ -70,7 +70,12 @@ fn random_log(seed: u64, n: usize) -> Vec<Command> {
                         .collect(),
                     mtime_ns: i as i64,
                     carried: vec![],
+                    create: None,
                 }),
+                7 => Op::Reserve(proto::Reserve {
+                    count: rng.random_range(0..4),
+                }),
+                8 => Op::SetContent(born(ino, &name, rng.random_range(1..4), i as i64)),
                 _ => Op::Reap(proto::Reap { ino }),
             };
             Command {
@@ -82,6 +87,41 @@ fn random_log(seed: u64, n: usize) -> Vec<Command> {
             }
         })
         .collect()
+}
+
+/// A new file `name` in the root, born with one chunk (`fill` 32 times
+/// as its hash) of `fill` bytes, numbered `ino`.
+fn born(ino: u64, name: &[u8], fill: u8, now: i64) -> proto::SetContent {
+    proto::SetContent {
+        ino,
+        size: fill as u64,
+        truncated_at: Some(0),
+        chunks: vec![ChunkRef {
+            index: 0,
+            hash: vec![fill; 32],
+            len: fill as u32,
+        }],
+        mtime_ns: now,
+        carried: vec![],
+        create: Some(proto::Create {
+            parent: ROOT_INO,
+            name: name.to_vec(),
+            kind: FileKind::Regular as i32,
+            mode: 0o644,
+            ino,
+            ..Default::default()
+        }),
+    }
+}
+
+fn command(i: u64, op: Op) -> Command {
+    Command {
+        node_id: 1,
+        request_id: i,
+        now_ns: i as i64,
+        oldest_pending: i,
+        op: Some(op),
+    }
 }
 
 fn fresh(dir: &std::path::Path) -> Store {
@@ -183,5 +223,45 @@ fn a_command_proposed_again_is_applied_once() {
     assert_eq!(
         without_index(contents(&twice)),
         without_index(contents(&once))
+    );
+}
+
+#[test]
+fn a_file_born_with_its_contents_replaces_one_made_meanwhile_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = fresh(tmp.path());
+    let ns = Namespace::new(store.clone());
+    let mut index = 0;
+    let mut apply = |op: Op| {
+        index += 1;
+        ns.apply(index, 1, &command(index, op)).unwrap().unwrap()
+    };
+    let first = apply(Op::Reserve(proto::Reserve { count: 2 })).reserved;
+    assert!(first > ROOT_INO);
+
+    let mine = apply(Op::SetContent(born(first, b"new.php", 2, 10)));
+    assert_eq!(mine.errno, 0);
+    let inode = mine.inode.unwrap();
+    assert_eq!((inode.ino, inode.size), (first, 2));
+
+    // The same name, born on another node that had not seen it yet: its
+    // contents replace the file's whole, under the number already there.
+    let theirs = apply(Op::SetContent(born(first + 1, b"new.php", 1, 11)));
+    assert_eq!(theirs.errno, 0);
+    assert_eq!(theirs.inode.unwrap().ino, first);
+    let slots = ns.chunk_slots(first, 0, 10, None).unwrap();
+    assert_eq!(slots.len(), 1);
+    assert_eq!((slots[0].hash.clone(), slots[0].len), (vec![1; 32], 1));
+    assert!(ns.inode(first + 1).unwrap().is_none());
+    assert_eq!(ns.chunk_refcount(&[2; 32]).unwrap(), 0);
+
+    // Numbers nobody reserved, or already in use, are refused.
+    for ino in [first + 2, first, ROOT_INO] {
+        let out = apply(Op::SetContent(born(ino, b"other.php", 1, 12)));
+        assert_eq!(out.errno, libc::EINVAL, "number {ino}");
+    }
+    assert_eq!(
+        apply(Op::Reserve(proto::Reserve { count: 0 })).errno,
+        libc::EINVAL
     );
 }

@@ -7,6 +7,15 @@
 //! the uncommitted writes of open files (`file`). Every change is a command
 //! proposed to Raft; the call returns once the command is applied here,
 //! with the errno the state machine decided.
+//!
+//! One exception saves a Raft round trip per file: `create_file` without
+//! O_EXCL answers at once, with an inode number this node reserved, and
+//! the file is born in the command of its first contents (close, fsync).
+//! Until then it is "unborn": this node shows it to lookups and getattr,
+//! and proposes it before any other change of its own (`settle`), so
+//! changes keep the order their syscalls had. If another node makes the
+//! same name meanwhile, the contents replace that file's whole, as if this
+//! node's open had come second.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
-use wpfs_consensus::namespace::{Hash, NAME_MAX};
+use wpfs_consensus::namespace::{new_inode, Hash, NAME_MAX};
 use wpfs_consensus::{Namespace, Node, Store};
 use wpfs_proto::{self as proto, FileKind, Inode, Op, Outcome};
 
@@ -22,6 +31,9 @@ use crate::chunks::ChunkStore;
 use crate::error::{err, Errno, Result};
 use crate::file::{read_range, Contents, FileState};
 use crate::replication::Replicator;
+
+/// Inode numbers reserved at a time for files created without waiting.
+const RESERVE_BATCH: u64 = 1024;
 
 /// POSIX ACLs would be stored but not enforced: refuse them instead.
 const ACL_XATTRS: [&[u8]; 2] = [b"system.posix_acl_access", b"system.posix_acl_default"];
@@ -96,12 +108,23 @@ struct OpenFile {
     may_be_orphan: bool,
 }
 
+/// A file created here that is not in the namespace yet (its handles are
+/// open: it is born at the latest when the last one closes).
+struct Unborn {
+    parent: u64,
+    name: Vec<u8>,
+    inode: Inode,
+}
+
 pub struct FsCore {
     node: Arc<Node>,
     /// Places copies of new chunks on peers before a commit (multi-node).
     replicator: std::sync::OnceLock<Arc<Replicator>>,
     contents: Contents,
     open: Mutex<HashMap<u64, OpenFile>>,
+    unborn: Mutex<HashMap<u64, Unborn>>,
+    /// Inode numbers reserved for `create_file`, not used yet.
+    reserved: Mutex<std::ops::Range<u64>>,
     next_fh: AtomicU64,
     opts: CoreOptions,
 }
@@ -133,6 +156,8 @@ impl FsCore {
             replicator: std::sync::OnceLock::new(),
             contents: Contents { namespace, chunks },
             open: Mutex::new(HashMap::new()),
+            unborn: Mutex::new(HashMap::new()),
+            reserved: Mutex::new(0..0),
             next_fh: AtomicU64::new(1),
             opts,
         })
@@ -163,6 +188,9 @@ impl FsCore {
         if self.opts.read_only {
             return err(libc::EROFS);
         }
+        if !matches!(op, Op::SetContent(_) | Op::Reserve(_)) {
+            self.settle();
+        }
         let outcome = self
             .node
             .propose(op, now_ns(), durable, self.opts.write_timeout)?;
@@ -176,20 +204,67 @@ impl FsCore {
         self.propose(op, false)?.inode.ok_or(Errno(libc::EIO))
     }
 
+    /// Proposes the files created here and not proposed yet, so that the
+    /// change about to be proposed comes after them, as its syscall did.
+    /// A file that cannot be born (its name became a directory elsewhere)
+    /// stays unborn: its close reports why.
+    fn settle(&self) {
+        let unborn: Vec<u64> = self.unborn.lock().keys().copied().collect();
+        for ino in unborn {
+            if let Some(state) = self.state_if_open(ino) {
+                if let Err(e) = self.commit(&mut state.lock(), false) {
+                    tracing::debug!("inode {ino} created here could not be proposed yet: {e:?}");
+                }
+            }
+        }
+    }
+
+    /// The file created here under `name` in `parent`, not proposed yet.
+    fn unborn_named(&self, parent: u64, name: &[u8]) -> Option<u64> {
+        let unborn = self.unborn.lock();
+        let found = unborn
+            .iter()
+            .find(|(_, u)| u.parent == parent && u.name == name);
+        found.map(|(ino, _)| *ino)
+    }
+
+    /// A number for a new inode, from those this node reserved.
+    fn reserved_ino(&self) -> Result<u64> {
+        let mut reserved = self.reserved.lock();
+        if reserved.is_empty() {
+            let count = RESERVE_BATCH;
+            let first = self
+                .propose(Op::Reserve(proto::Reserve { count }), false)?
+                .reserved;
+            *reserved = first..first + count;
+        }
+        reserved.next().ok_or(Errno(libc::EIO))
+    }
+
     // --- reads ---------------------------------------------------------
 
     /// The inode a name points to; `None` when the name does not exist.
     pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Option<Inode>> {
         check_name(name)?;
-        let Some(entry) = self.namespace().lookup(parent, name)? else {
-            return Ok(None);
+        let ino = match self.namespace().lookup(parent, name)? {
+            Some(entry) => entry.ino,
+            None => match self.unborn_named(parent, name) {
+                Some(ino) => ino,
+                None => return Ok(None),
+            },
         };
-        Ok(Some(self.getattr(entry.ino)?))
+        Ok(Some(self.getattr(ino)?))
     }
 
-    /// The inode as this node sees it: with its open files' unwritten sizes.
+    /// The inode as this node sees it: with its open files' unwritten
+    /// sizes, and the files created here that are not proposed yet.
     pub fn getattr(&self, ino: u64) -> Result<Inode> {
-        let mut inode = self.namespace().inode(ino)?.ok_or(Errno(libc::ENOENT))?;
+        let mut inode = match self.namespace().inode(ino)? {
+            Some(inode) => inode,
+            None => (self.unborn.lock().get(&ino))
+                .map(|u| u.inode.clone())
+                .ok_or(Errno(libc::ENOENT))?,
+        };
         self.overlay(&mut inode);
         Ok(inode)
     }
@@ -236,6 +311,7 @@ impl FsCore {
         offset: u64,
         mut f: impl FnMut(u64, u64, FileKind, &[u8]) -> bool,
     ) -> Result<()> {
+        self.settle(); // entries of files created here have their cookies
         let dir = self.getattr(ino)?;
         if !is_kind(&dir, FileKind::Directory) {
             return err(libc::ENOTDIR);
@@ -319,7 +395,60 @@ impl FsCore {
             rdev,
             symlink_target: target.to_vec(),
             exclusive,
+            ino: 0,
         }))
+    }
+
+    /// open(2) with O_CREAT of a regular file: the inode and a handle.
+    /// Without O_EXCL, a name that does not exist here yet gets a file at
+    /// once, born at its first commit (see the module comment).
+    pub fn create_file(
+        &self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        exclusive: bool,
+        caller: Caller,
+    ) -> Result<(Inode, u64)> {
+        check_name(name)?;
+        if exclusive || self.opts.read_only || self.lookup(parent, name)?.is_some() {
+            let inode = self.create(parent, name, NewNode::File { mode, exclusive }, caller)?;
+            return Ok((inode.clone(), self.open(inode.ino)?));
+        }
+        let dir = self.namespace().inode(parent)?.ok_or(Errno(libc::ENOENT))?;
+        if !is_kind(&dir, FileKind::Directory) {
+            return err(libc::ENOTDIR);
+        }
+        if dir.nlink == 0 {
+            return err(libc::ENOENT);
+        }
+        let create = proto::Create {
+            parent,
+            name: name.to_vec(),
+            kind: FileKind::Regular as i32,
+            mode,
+            uid: caller.uid,
+            gid: caller.gid,
+            ino: self.reserved_ino()?,
+            ..Default::default()
+        };
+        let inode = new_inode(&create, &dir, create.ino, now_ns());
+        let state = FileState::unborn(&inode, create);
+        self.open.lock().insert(
+            inode.ino,
+            OpenFile {
+                handles: 1,
+                state: Arc::new(Mutex::new(state)),
+                may_be_orphan: false,
+            },
+        );
+        let unborn = Unborn {
+            parent,
+            name: name.to_vec(),
+            inode: inode.clone(),
+        };
+        self.unborn.lock().insert(inode.ino, unborn);
+        Ok((inode, self.next_fh.fetch_add(1, Ordering::Relaxed)))
     }
 
     pub fn link(&self, ino: u64, new_parent: u64, new_name: &[u8]) -> Result<Inode> {
@@ -336,10 +465,14 @@ impl FsCore {
     /// Whether the inode `name` points to is open here: then its last
     /// unlink must keep it (as an orphan) until the last handle closes.
     fn open_target(&self, parent: u64, name: &[u8]) -> Result<bool> {
-        let Some(entry) = self.namespace().lookup(parent, name)? else {
-            return Ok(false);
+        let ino = match self.namespace().lookup(parent, name)? {
+            Some(entry) => entry.ino,
+            None => match self.unborn_named(parent, name) {
+                Some(ino) => ino,
+                None => return Ok(false),
+            },
         };
-        Ok(match self.open.lock().get_mut(&entry.ino) {
+        Ok(match self.open.lock().get_mut(&ino) {
             Some(open) => {
                 open.may_be_orphan = true;
                 true
@@ -580,6 +713,7 @@ impl FsCore {
         let replicator = self.replicator.get();
         let carry_max = replicator.map_or(0, |r| r.carry_max());
         let update = state.update(&self.contents, carry_max)?;
+        let born = update.create.as_ref().map(|_| update.ino);
         let new: Vec<Hash> = update
             .chunks
             .iter()
@@ -599,6 +733,9 @@ impl FsCore {
         }?;
         let inode = outcome.inode.ok_or(Errno(libc::EIO))?;
         state.committed(&inode);
+        if let Some(ino) = born {
+            self.unborn.lock().remove(&ino);
+        }
         Ok(())
     }
 
@@ -616,7 +753,15 @@ impl FsCore {
             }
         };
         let Some(last) = last else { return Ok(()) };
-        let result = self.commit(&mut last.state.lock(), false);
+        let mut state = last.state.lock();
+        let result = self.commit(&mut state, false);
+        if let (Err(_), Some(create)) = (&result, state.birth()) {
+            // Its contents failed (ENOSPC…), but open(2) said the file
+            // exists: it stays, empty, unless its name went elsewhere.
+            let _ = self.propose(Op::Create(create.clone()), false);
+        }
+        drop(state);
+        self.unborn.lock().remove(&ino); // born, or never will be
         if last.may_be_orphan && self.namespace().inode(ino)?.is_some_and(|i| i.nlink == 0) {
             self.propose(Op::Reap(proto::Reap { ino }), false)?;
         }

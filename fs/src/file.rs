@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use wpfs_consensus::namespace::{Hash, Namespace};
 use wpfs_consensus::CHUNK_SIZE;
-use wpfs_proto::{ChunkRef, Inode, SetContent};
+use wpfs_proto::{ChunkRef, Create, Inode, SetContent};
 
 use crate::chunks::{ChunkStore, Pinned};
 use crate::error::Result;
@@ -52,6 +52,9 @@ pub struct FileState {
     truncated_at: Option<u64>,
     changed: bool,
     pins: Option<Pinned>,
+    /// A file created here and not proposed yet: its first commit creates
+    /// it (`SetContent.create`).
+    birth: Option<Create>,
 }
 
 impl FileState {
@@ -65,11 +68,28 @@ impl FileState {
             truncated_at: None,
             changed: false,
             pins: None,
+            birth: None,
+        }
+    }
+
+    /// The state of a file `create` makes, with no contents yet: its first
+    /// commit (even with nothing written) makes it in the namespace.
+    pub fn unborn(inode: &Inode, create: Create) -> Self {
+        FileState {
+            truncated_at: Some(0),
+            changed: true,
+            birth: Some(create),
+            ..FileState::new(inode)
         }
     }
 
     pub fn is_dirty(&self) -> bool {
         self.changed
+    }
+
+    /// How the file is created, if it is not yet.
+    pub fn birth(&self) -> Option<&Create> {
+        self.birth.as_ref()
     }
 
     /// Re-reads size and mtime from the committed inode, when clean.
@@ -236,11 +256,16 @@ impl FileState {
             chunks,
             mtime_ns: self.mtime_ns,
             carried,
+            create: self.birth.clone(),
         })
     }
 
-    /// The update was applied: nothing is dirty any more.
+    /// The update was applied: nothing is dirty any more. A file born in
+    /// it may have got another node's number (that node made the name
+    /// first): later commits go there.
     pub fn committed(&mut self, inode: &Inode) {
+        self.ino = inode.ino;
+        self.birth = None;
         self.dirty.clear();
         self.buffered = 0;
         self.truncated_at = None;

@@ -521,16 +521,16 @@ impl Filesystem for WpFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let what = NewNode::File {
-            mode: mode & 0o7777,
-            exclusive: flags & libc::O_EXCL != 0,
-        };
-        let result = self
-            .core
-            .create(parent.0, name.as_bytes(), what, caller(req))
-            .and_then(|inode| Ok((self.core.open(inode.ino)?, inode)));
+        let exclusive = flags & libc::O_EXCL != 0;
+        let result = (self.core).create_file(
+            parent.0,
+            name.as_bytes(),
+            mode & 0o7777,
+            exclusive,
+            caller(req),
+        );
         match result {
-            Ok((fh, inode)) => reply.created(
+            Ok((inode, fh)) => reply.created(
                 &self.ttl,
                 &attr(&inode),
                 Generation(0),

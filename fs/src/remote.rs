@@ -134,8 +134,25 @@ impl RemoteChanges {
 
 impl ApplyObserver for RemoteChanges {
     fn applied(&self, cmd: &Command, outcome: &Outcome) {
-        if cmd.node_id == self.node_id || outcome.errno != 0 {
-            return; // the kernel saw this change go through it
+        if outcome.errno != 0 {
+            return;
+        }
+        if cmd.node_id == self.node_id {
+            // The kernel saw this change go through it, except the birth
+            // of a file created here: its directory changed only now (a
+            // stat of it since the create is cached), and if another node
+            // made the name meanwhile (its file got the contents), the
+            // number the kernel was given is gone.
+            if let Some(Op::SetContent(s)) = &cmd.op {
+                if let (Some(c), Some(inode)) = (&s.create, &outcome.inode) {
+                    self.inode(c.parent);
+                    if inode.ino != s.ino {
+                        self.entry(c.parent, &c.name);
+                        self.inode(s.ino);
+                    }
+                }
+            }
+            return;
         }
         match &cmd.op {
             Some(Op::Create(c)) => self.entry(c.parent, &c.name),
@@ -152,12 +169,15 @@ impl ApplyObserver for RemoteChanges {
             Some(Op::SetXattr(x)) => self.inode(x.ino),
             Some(Op::RemoveXattr(x)) => self.inode(x.ino),
             Some(Op::SetContent(s)) => {
-                self.inode(s.ino);
+                if let Some(c) = &s.create {
+                    self.entry(c.parent, &c.name);
+                }
+                self.inode(outcome.inode.as_ref().map_or(s.ino, |i| i.ino));
                 if let Some(r) = &self.replicator {
                     r.received(s, cmd.node_id);
                 }
             }
-            Some(Op::Reap(_)) | None => {}
+            Some(Op::Reap(_)) | Some(Op::Reserve(_)) | None => {}
         }
     }
 

@@ -215,3 +215,129 @@ fn below_the_reserve_new_contents_get_enospc_and_the_namespace_still_works() {
     core.unlink(ROOT_INO, b"renamed", false).unwrap();
     assert_eq!(core.statfs().unwrap().bavail, 0, "df shows nothing usable");
 }
+
+/// open(O_CREAT) without O_EXCL, as most programs create files.
+fn create_file(core: &FsCore, name: &str) -> u64 {
+    let (inode, _fh) = core
+        .create_file(ROOT_INO, name.as_bytes(), 0o644, false, ME)
+        .unwrap();
+    inode.ino
+}
+
+fn applied(core: &FsCore) -> u64 {
+    core.namespace().applied().unwrap().0
+}
+
+#[test]
+fn a_new_file_is_one_command_and_shows_here_before_it() {
+    let f = fixture();
+    let core = &f.core;
+    let first = create_file(core, "first"); // reserves inode numbers
+    core.release(first).unwrap();
+    let before = applied(core);
+    let ino = create_file(core, "new.php");
+    assert_eq!(applied(core), before, "open(O_CREAT) proposes nothing");
+    assert!(core.namespace().inode(ino).unwrap().is_none());
+    // This node shows it already: by name, by number, with its writes.
+    assert_eq!(core.lookup(ROOT_INO, b"new.php").unwrap().unwrap().ino, ino);
+    core.write(ino, 0, b"<?php echo 1;").unwrap();
+    assert_eq!(core.getattr(ino).unwrap().size, 13);
+    assert_eq!(core.read(ino, 0, 100).unwrap(), b"<?php echo 1;");
+    core.flush(ino, false).unwrap();
+    core.release(ino).unwrap();
+    assert_eq!(
+        applied(core),
+        before + 1,
+        "born with its contents: one entry"
+    );
+    assert_eq!(core.namespace().inode(ino).unwrap().unwrap().size, 13);
+    assert_eq!(core.read(ino, 0, 100).unwrap(), b"<?php echo 1;");
+    // A file closed with nothing written is born empty.
+    let empty = create_file(core, "empty");
+    core.release(empty).unwrap();
+    assert_eq!(core.namespace().inode(empty).unwrap().unwrap().size, 0);
+}
+
+#[test]
+fn changes_made_here_come_after_the_files_created_here() {
+    let f = fixture();
+    let core = &f.core;
+    let ino = create_file(core, "upload.tmp");
+    core.write(ino, 0, b"jpeg bytes").unwrap();
+    // A listing shows it; a rename of it (still open) moves it.
+    let mut names = Vec::new();
+    core.read_dir(ROOT_INO, 0, |_, _, _, name| {
+        names.push(name.to_vec());
+        true
+    })
+    .unwrap();
+    assert!(names.contains(&b"upload.tmp".to_vec()), "listed: {names:?}");
+    core.rename(
+        ROOT_INO,
+        b"upload.tmp",
+        ROOT_INO,
+        b"photo.jpg",
+        false,
+        false,
+    )
+    .unwrap();
+    core.write(ino, 10, b" and more").unwrap();
+    core.release(ino).unwrap();
+    let photo = core.lookup(ROOT_INO, b"photo.jpg").unwrap().unwrap();
+    assert_eq!(photo.ino, ino);
+    assert_eq!(core.read(ino, 0, 100).unwrap(), b"jpeg bytes and more");
+
+    // Unlinked while open and unborn: kept until the close, then reaped.
+    let gone = create_file(core, "gone");
+    core.unlink(ROOT_INO, b"gone", false).unwrap();
+    core.write(gone, 0, b"still writable").unwrap();
+    assert_eq!(core.read(gone, 0, 100).unwrap(), b"still writable");
+    core.release(gone).unwrap();
+    assert!(core.getattr(gone).is_err());
+    assert!(core.namespace().orphans().unwrap().is_empty());
+}
+
+#[test]
+fn a_file_created_here_and_elsewhere_at_once_ends_with_the_later_contents_whole() {
+    let f = fixture();
+    let core = &f.core;
+    let mine = create_file(core, "cache.html");
+    core.write(mine, 0, &pattern(5, 100_000)).unwrap();
+    // Another node makes the name and commits its version first.
+    let theirs = core
+        .node()
+        .propose(
+            wpfs_proto::Op::Create(wpfs_proto::Create {
+                parent: ROOT_INO,
+                name: b"cache.html".to_vec(),
+                kind: wpfs_proto::FileKind::Regular as i32,
+                mode: 0o644,
+                ..Default::default()
+            }),
+            0,
+            false,
+            Duration::from_secs(5),
+        )
+        .unwrap()
+        .inode
+        .unwrap()
+        .ino;
+    core.open(theirs).unwrap();
+    core.write(theirs, 0, &pattern(6, 300_000)).unwrap();
+    core.release(theirs).unwrap();
+    // This node's close comes later: its contents replace theirs whole.
+    let data = pattern(7, 30_000);
+    core.write(mine, 0, &data).unwrap();
+    core.release(mine).unwrap();
+    let found = core.lookup(ROOT_INO, b"cache.html").unwrap().unwrap();
+    assert_eq!(found.ino, theirs, "one file under the name");
+    let mut expected = pattern(5, 100_000);
+    expected[..30_000].copy_from_slice(&data);
+    assert_eq!(core.read(theirs, 0, 1 << 20).unwrap(), expected);
+    assert!(
+        core.getattr(mine).is_err(),
+        "the number it was shown is gone"
+    );
+    core.collect_garbage().unwrap();
+    assert_eq!(chunks_stored(&f.store), 2, "nothing of theirs is left");
+}

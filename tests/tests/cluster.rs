@@ -30,8 +30,8 @@ fn converged(cluster: &Cluster, rel: &str) -> Vec<String> {
 }
 
 /// Waits until `path` reads as `want`. Before that it may be missing or
-/// empty (the create is applied before the writer's close commits the
-/// bytes), never anything else: a reader sees whole versions only.
+/// empty (an `O_EXCL` create is applied before the writer's close commits
+/// the bytes), never anything else: a reader sees whole versions only.
 fn wait_for_bytes(path: &Path, want: &[u8]) {
     wait_until(
         CONVERGE,
@@ -133,8 +133,14 @@ fn concurrent_writers_on_all_nodes_converge() {
                 for i in 0..150 {
                     write_file(node.path(&format!("shared/n{n}-{i}")), format!("{n}:{i}")).unwrap();
                 }
-                // Rewrites of one file: each version is one letter, whole.
                 let letter = b"ABC"[n];
+                // New names made on every node at once: each ends as one
+                // node's version, whole, wherever it is read.
+                for i in 0..50 {
+                    let body = vec![letter; 70_000 + i];
+                    write_file(node.path(&format!("race-{i}")), &body).unwrap();
+                }
+                // Rewrites of one file: each version is one letter, whole.
                 for round in 0..40 {
                     let body = vec![letter; 100_000 + round * 1000];
                     write_file(node.path("contended"), &body).unwrap();
@@ -156,6 +162,15 @@ fn concurrent_writers_on_all_nodes_converge() {
         .count();
     assert_eq!(names, 3 * 150, "every create from every node is there once");
     assert_eq!(want.iter().filter(|l| l.contains("moved-")).count(), 300);
+    for i in 0..50 {
+        let name = format!("race-{i}");
+        let body = fs::read(cluster.node(1).path(&name)).unwrap();
+        assert_eq!(body.len(), 70_000 + i, "{name}: a whole version");
+        assert!(body.iter().all(|b| *b == body[0]), "{name} mixes versions");
+        for node in &cluster.nodes[1..] {
+            assert_eq!(fs::read(node.path(&name)).unwrap(), body, "{name}");
+        }
+    }
     for node in &cluster.nodes {
         let body = fs::read(node.path("contended")).unwrap();
         assert!(!body.is_empty());

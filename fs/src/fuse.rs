@@ -24,15 +24,23 @@ use fuser::{
 use wpfs_proto::{FileKind, Inode};
 
 use crate::core::{Caller, FsCore, NewNode, SetAttrs, SetTime};
+use crate::kernel_refs::KernelRefs;
 
 pub struct WpFs {
     core: Arc<FsCore>,
+    refs: Arc<KernelRefs>,
     ttl: Duration,
 }
 
 impl WpFs {
-    pub fn new(core: Arc<FsCore>, ttl: Duration) -> Self {
-        WpFs { core, ttl }
+    pub fn new(core: Arc<FsCore>, refs: Arc<KernelRefs>, ttl: Duration) -> Self {
+        WpFs { core, refs, ttl }
+    }
+
+    /// Replies with an entry the kernel may keep: it holds the inode then.
+    fn entry(&self, inode: &Inode, reply: ReplyEntry) {
+        self.refs.given(inode.ino);
+        reply.entry(&self.ttl, &attr(inode), Generation(0))
     }
 }
 
@@ -100,7 +108,7 @@ fn caller(req: &Request) -> Caller {
 impl WpFs {
     fn reply_entry(&self, result: crate::error::Result<Inode>, reply: ReplyEntry) {
         match result {
-            Ok(inode) => reply.entry(&self.ttl, &attr(&inode), Generation(0)),
+            Ok(inode) => self.entry(&inode, reply),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -141,7 +149,7 @@ impl Filesystem for WpFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.core.lookup(parent.0, name.as_bytes()) {
-            Ok(Some(inode)) => reply.entry(&self.ttl, &attr(&inode), Generation(0)),
+            Ok(Some(inode)) => self.entry(&inode, reply),
             // A negative entry: the kernel remembers the name is absent.
             Ok(None) => {
                 let mut none = attr(&Inode::default());
@@ -150,6 +158,10 @@ impl Filesystem for WpFs {
             }
             Err(e) => reply.error(errno(e)),
         }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.refs.forgotten(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -439,17 +451,22 @@ impl Filesystem for WpFs {
     ) {
         let result = self.core.read_dir(ino.0, offset, |ino, next, _kind, name| {
             // An entry removed meanwhile is skipped, not an error.
-            match self.core.getattr(ino) {
-                Ok(inode) => !reply.add(
-                    INodeNo(ino),
-                    next,
-                    OsStr::from_bytes(name),
-                    &self.ttl,
-                    &attr(&inode),
-                    Generation(0),
-                ),
-                Err(_) => true,
+            let Ok(inode) = self.core.getattr(ino) else {
+                return true;
+            };
+            let name = OsStr::from_bytes(name);
+            let full = reply.add(
+                INodeNo(ino),
+                next,
+                name,
+                &self.ttl,
+                &attr(&inode),
+                Generation(0),
+            );
+            if !full {
+                self.refs.given(ino);
             }
+            !full
         });
         match result {
             Ok(()) => reply.ok(),
@@ -530,13 +547,16 @@ impl Filesystem for WpFs {
             caller(req),
         );
         match result {
-            Ok((inode, fh)) => reply.created(
-                &self.ttl,
-                &attr(&inode),
-                Generation(0),
-                FileHandle(fh),
-                FopenFlags::FOPEN_KEEP_CACHE,
-            ),
+            Ok((inode, fh)) => {
+                self.refs.given(inode.ino);
+                reply.created(
+                    &self.ttl,
+                    &attr(&inode),
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::FOPEN_KEEP_CACHE,
+                )
+            }
             Err(e) => reply.error(errno(e)),
         }
     }

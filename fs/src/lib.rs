@@ -7,6 +7,7 @@
 //! - `replication`: fetching the chunks other nodes wrote;
 //! - `remote`: what applying another node's change does here (kernel
 //!   cache invalidation, chunk fetches);
+//! - `kernel_refs`: which inodes the kernel holds (so may cache);
 //! - `space`: the disk-space reserve below which new contents are refused;
 //! - `throttle`: log lines a fault would repeat per chunk, at most one per interval;
 //! - `error`: errno mapping.
@@ -16,6 +17,7 @@ pub mod core;
 pub mod error;
 pub mod file;
 pub mod fuse;
+pub mod kernel_refs;
 pub mod remote;
 pub mod replication;
 pub mod space;
@@ -41,9 +43,11 @@ pub struct MountOptions {
 }
 
 /// Mounts `core` at `mountpoint`; the returned session serves requests
-/// once `run` (or `spawn`) is called on it.
+/// once `run` (or `spawn`) is called on it. `refs` learns which inodes
+/// the kernel holds.
 pub fn mount(
     core: Arc<FsCore>,
+    refs: Arc<kernel_refs::KernelRefs>,
     mountpoint: &Path,
     opts: &MountOptions,
 ) -> std::io::Result<fuser::Session<fuse::WpFs>> {
@@ -65,5 +69,9 @@ pub fn mount(
     }
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
-    fuser::Session::new(fuse::WpFs::new(core, opts.cache_ttl), mountpoint, &config)
+    fuser::Session::new(
+        fuse::WpFs::new(core, refs, opts.cache_ttl),
+        mountpoint,
+        &config,
+    )
 }

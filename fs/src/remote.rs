@@ -15,6 +15,9 @@
 //! deliver its answer (say, "no such name", cached for the TTL) after the
 //! first invalidation; the kernel has no version check for names.
 //!
+//! Only what the kernel can hold is invalidated (`kernel_refs`), checked
+//! at each send: a lookup answered meanwhile is covered by the resends.
+//!
 //! The thread works in batches: whatever queued up while it slept, and the
 //! resends that are due, at most every `GATHER`, each invalidation once.
 //! A tree copied in on another node is thousands of changes a second, and
@@ -25,10 +28,10 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use wpfs_consensus::mailbox::{self, RecvError, Sender};
-use wpfs_consensus::namespace::Namespace;
 use wpfs_consensus::ApplyObserver;
 use wpfs_proto::{Command, Op, Outcome};
 
+use crate::kernel_refs::KernelRefs;
 use crate::replication::Replicator;
 
 /// When each invalidation is sent again after the first time.
@@ -55,7 +58,7 @@ pub struct RemoteChanges {
 impl RemoteChanges {
     pub fn new(
         node_id: u64,
-        namespace: Namespace,
+        refs: Arc<KernelRefs>,
         replicator: Option<Arc<Replicator>>,
     ) -> Arc<RemoteChanges> {
         let (tx, rx) = mailbox::unbounded::<Invalidation>();
@@ -97,7 +100,7 @@ impl RemoteChanges {
                     batch.retain(|item| seen.insert(item.clone()));
                     for (inval, sent) in batch {
                         if let Some(notifier) = n.get() {
-                            send(notifier, &namespace, inval.clone());
+                            send(notifier, &refs, inval.clone());
                         }
                         if let Some(delay) = RESEND_AFTER.get(sent) {
                             again[sent].push_back((now + *delay, inval));
@@ -189,19 +192,21 @@ impl ApplyObserver for RemoteChanges {
     }
 }
 
-fn send(notifier: &fuser::Notifier, namespace: &Namespace, inval: Invalidation) {
+fn send(notifier: &fuser::Notifier, refs: &KernelRefs, inval: Invalidation) {
+    let inval_inode = |ino: u64| notifier.inval_inode(fuser::INodeNo(ino), 0, 0);
     let result = match inval {
-        Invalidation::Entry(parent, name) => notifier.inval_entry(
+        Invalidation::Entry(parent, name) if refs.holds(parent) => notifier.inval_entry(
             fuser::INodeNo(parent),
             std::os::unix::ffi::OsStrExt::from_bytes(&name[..]),
         ),
-        Invalidation::Inode(ino) => notifier.inval_inode(fuser::INodeNo(ino), 0, 0),
+        Invalidation::Inode(ino) if refs.holds(ino) => inval_inode(ino),
         Invalidation::All => {
-            for ino in namespace.inode_numbers().unwrap_or_default() {
-                let _ = notifier.inval_inode(fuser::INodeNo(ino), 0, 0);
+            for ino in refs.held() {
+                let _ = inval_inode(ino);
             }
             Ok(())
         }
+        _ => Ok(()), // nothing of it can be cached
     };
     // ENOENT: the kernel did not have it cached, which is fine.
     if let Err(e) = result {

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use wpfs_consensus::{Namespace, Node, Store, StoreError, Transport, TransportConfig};
+use wpfs_fs::kernel_refs::KernelRefs;
 use wpfs_fs::remote::RemoteChanges;
 use wpfs_fs::replication::{ReplicationConfig, Replicator};
 use wpfs_fs::{CoreOptions, FsCore, MountOptions};
@@ -316,7 +317,8 @@ fn run(req: &MountRequest, config: &NodeConfig, reporter: &mut Reporter) -> Resu
         },
     );
     core.set_replicator(replicator.clone(), !config.witness);
-    let remote = RemoteChanges::new(config.node_id, namespace, Some(replicator.clone()));
+    let refs = Arc::new(KernelRefs::default());
+    let remote = RemoteChanges::new(config.node_id, refs.clone(), Some(replicator.clone()));
     node.set_observer(remote.clone());
     {
         let r = replicator.clone();
@@ -344,7 +346,7 @@ fn run(req: &MountRequest, config: &NodeConfig, reporter: &mut Reporter) -> Resu
         cache_ttl: req.options.cache_ttl,
         threads: req.options.threads,
     };
-    let mut session = wpfs_fs::mount(core.clone(), &req.mountpoint, &mount_opts)
+    let mut session = wpfs_fs::mount(core.clone(), refs, &req.mountpoint, &mount_opts)
         .map_err(|e| format!("cannot mount at {}: {e}", req.mountpoint.display()))?;
     remote.set_notifier(session.notifier());
     let state = Arc::new(AdminState {

@@ -653,7 +653,12 @@ impl<'a> Txn<'a> {
         if is_dir && parent.nlink >= LINK_MAX {
             return errno(libc::EMLINK);
         }
-        let inode = new_inode(c, &parent, self.new_ino(c.ino)?, self.now);
+        let at = if c.created_ns != 0 {
+            c.created_ns
+        } else {
+            self.now
+        };
+        let inode = new_inode(c, &parent, self.new_ino(c.ino)?, at);
         let ino = inode.ino;
         self.add_entry(&mut parent, &c.name, ino, kind as i32);
         if is_dir {
@@ -1013,7 +1018,12 @@ impl<'a> Txn<'a> {
         }
         inode.size = s.size;
         inode.mtime_ns = s.mtime_ns;
-        inode.ctime_ns = self.now;
+        // A file born here changed last when it was last written (or made),
+        // as its creator was shown; any other file changes now.
+        inode.ctime_ns = match born {
+            Some(true) => inode.ctime_ns.max(s.mtime_ns),
+            _ => self.now,
+        };
         self.put(inode.clone());
         Ok(Some(inode))
     }

@@ -109,6 +109,7 @@ fn born(ino: u64, name: &[u8], fill: u8, now: i64) -> proto::SetContent {
             kind: FileKind::Regular as i32,
             mode: 0o644,
             ino,
+            created_ns: now - 1,
             ..Default::default()
         }),
     }

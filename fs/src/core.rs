@@ -396,6 +396,7 @@ impl FsCore {
             symlink_target: target.to_vec(),
             exclusive,
             ino: 0,
+            created_ns: 0,
         }))
     }
 
@@ -430,9 +431,10 @@ impl FsCore {
             uid: caller.uid,
             gid: caller.gid,
             ino: self.reserved_ino()?,
+            created_ns: now_ns(),
             ..Default::default()
         };
-        let inode = new_inode(&create, &dir, create.ino, now_ns());
+        let inode = new_inode(&create, &dir, create.ino, create.created_ns);
         let state = FileState::unborn(&inode, create);
         self.open.lock().insert(
             inode.ino,

@@ -252,10 +252,16 @@ fn a_new_file_is_one_command_and_shows_here_before_it() {
     );
     assert_eq!(core.namespace().inode(ino).unwrap().unwrap().size, 13);
     assert_eq!(core.read(ino, 0, 100).unwrap(), b"<?php echo 1;");
-    // A file closed with nothing written is born empty.
+    // A file closed with nothing written is born empty, with the times
+    // it was shown with (a stat before and after its close agree).
     let empty = create_file(core, "empty");
+    let shown = core.getattr(empty).unwrap();
+    std::thread::sleep(Duration::from_millis(5));
     core.release(empty).unwrap();
-    assert_eq!(core.namespace().inode(empty).unwrap().unwrap().size, 0);
+    let born = core.namespace().inode(empty).unwrap().unwrap();
+    assert_eq!(born.size, 0);
+    let times = |i: &wpfs_proto::Inode| (i.atime_ns, i.mtime_ns, i.ctime_ns, i.crtime_ns);
+    assert_eq!(times(&born), times(&shown));
 }
 
 #[test]

@@ -78,6 +78,14 @@ pub fn bounded<T>(capacity: usize) -> (Sender<T>, Receiver<T>) {
 
 impl<T> Sender<T> {
     pub fn send(&self, item: T) -> Result<(), SendError> {
+        self.queue(item)?;
+        self.0.filled.notify_one();
+        Ok(())
+    }
+
+    /// Queues `item` without waking a receiver: for a queue that whoever
+    /// adds to it usually empties itself (the Raft driver's, see `node`).
+    pub fn queue(&self, item: T) -> Result<(), SendError> {
         let mut state = self.0.lock();
         if state.receivers == 0 {
             return Err(SendError::Closed);
@@ -86,9 +94,11 @@ impl<T> Sender<T> {
             return Err(SendError::Full);
         }
         state.items.push_back(item);
-        drop(state);
-        self.0.filled.notify_one();
         Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.lock().items.is_empty()
     }
 }
 
@@ -181,9 +191,12 @@ mod tests {
     #[test]
     fn order_capacity_and_closing() {
         let (tx, rx) = bounded(2);
+        assert!(tx.is_empty());
         assert_eq!(tx.send(1), Ok(()));
-        assert_eq!(tx.send(2), Ok(()));
+        assert_eq!(tx.queue(2), Ok(()), "queued quietly, in order");
+        assert!(!tx.is_empty());
         assert_eq!(tx.send(3), Err(SendError::Full));
+        assert_eq!(tx.queue(3), Err(SendError::Full));
         assert_eq!(rx.recv(), Some(1));
         assert_eq!(rx.try_recv(), Some(2));
         assert_eq!(rx.try_recv(), None);

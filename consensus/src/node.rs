@@ -8,13 +8,16 @@
 //! apply newly committed → advance_apply
 //! ```
 //!
-//! A message from a peer is handed to Raft by the connection thread that
-//! read it, which runs the loop itself when the driver is free (a lock it
-//! only tries): a round trip between two nodes then wakes no driver
-//! thread on either side, two wakeups fewer. On this project's 2-vCPU VMs
-//! a wakeup across processes costs ~45 µs (a TCP ping-pong takes 90 µs).
-//! The driver thread keeps the clock (ticks, the commit announcement,
-//! syncs) and handles what was queued while the lock was taken.
+//! Whoever has something for Raft runs the loop itself: a proposal on the
+//! filesystem thread that makes it, a peer's message on the connection
+//! thread that read it (`Node::submit`). The request is queued, and the
+//! thread takes the driver's lock if it is free (it only tries), handles
+//! everything queued in order and runs the Ready. If the lock is taken,
+//! the holder finds the request in the queue when it looks again after
+//! letting go. No driver thread wakes on either side of a round trip, nor
+//! for a proposal: on this project's 2-vCPU VMs a wakeup across threads
+//! costs ~45 µs (a TCP ping-pong between processes takes 90 µs). The
+//! driver thread keeps the clock (ticks, the commit announcement, syncs).
 //!
 //! Filesystem threads call `Node::propose` and block until their command is
 //! applied here. Proposals that arrive together are appended in one Ready,
@@ -311,14 +314,12 @@ impl Node {
             op: Some(op),
         };
         let (reply, rx) = mailbox::bounded(1);
-        self.requests
-            .send(Request::Propose {
-                cmd,
-                durable,
-                deadline: Instant::now() + timeout,
-                reply,
-            })
-            .map_err(|_| ProposeError::Stopped)?;
+        self.submit(Request::Propose {
+            cmd,
+            durable,
+            deadline: Instant::now() + timeout,
+            reply,
+        })?;
         wait(&rx, timeout + ANSWER_GRACE)
     }
 
@@ -331,20 +332,32 @@ impl Node {
         self.shared.status.lock().voters.clone()
     }
 
-    /// Hands a message from a peer to Raft: on this thread when the
-    /// driver is free (see the module comment), else through the driver
-    /// thread.
+    /// Hands a message from a peer to Raft.
     pub fn step(&self, msg: RaftMessage) {
-        if let Some(mut driver) = self.driver.try_lock() {
-            if driver.inbox.is_some() {
-                // What was queued before this message goes first.
-                driver.drain();
-                driver.handle(Request::Step(msg));
-                driver.process();
-                return;
+        let _ = self.submit(Request::Step(msg));
+    }
+
+    /// Queues `req`, then runs the driver loop on this thread while the
+    /// driver is free and requests wait (see the module comment). Every
+    /// holder looks at the queue after letting go of the lock (the driver
+    /// thread by receiving from it), so a request queued while the lock
+    /// was taken never waits for a tick.
+    fn submit(&self, req: Request) -> Result<(), ProposeError> {
+        self.requests
+            .queue(req)
+            .map_err(|_| ProposeError::Stopped)?;
+        while let Some(mut driver) = self.driver.try_lock() {
+            if driver.inbox.is_none() {
+                break; // stopped: the queue goes with it
+            }
+            driver.drain();
+            driver.process();
+            drop(driver);
+            if self.requests.is_empty() {
+                break;
             }
         }
-        let _ = self.requests.send(Request::Step(msg));
+        Ok(())
     }
 
     /// Tells the leader that the snapshot it sent could not be fetched.

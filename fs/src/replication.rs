@@ -161,7 +161,7 @@ impl Replicator {
             let hash = *blake3::hash(data).as_bytes();
             if !self.chunks.contains(&hash).unwrap_or(false) {
                 // A failure (a full disk) leaves it to the fetch below.
-                let stored = self.chunks.put_hashed(&hash, data).map(|()| true);
+                let stored = self.chunks.put_carried(&hash, data).map(|()| true);
                 self.stored(&hash, data.len(), stored);
             }
         }

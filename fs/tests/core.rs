@@ -347,3 +347,23 @@ fn a_file_created_here_and_elsewhere_at_once_ends_with_the_later_contents_whole(
     core.collect_garbage().unwrap();
     assert_eq!(chunks_stored(&f.store), 2, "nothing of theirs is left");
 }
+
+#[test]
+fn a_carried_chunk_is_not_left_for_the_collector_to_look_at() {
+    // Chunks that ride in a command are stored as it is applied, already
+    // referenced; pushed ones may arrive before their command and are
+    // flagged with their arrival time.
+    let f = fixture();
+    let carried = pattern(8, 1000);
+    let pushed = pattern(9, 1000);
+    let hash = |d: &[u8]| *blake3::hash(d).as_bytes();
+    f.core
+        .chunks()
+        .put_carried(&hash(&carried), &carried)
+        .unwrap();
+    f.core.chunks().put_hashed(&hash(&pushed), &pushed).unwrap();
+    let flagged: Vec<_> = f.core.namespace().garbage_chunks().unwrap();
+    assert_eq!(flagged.len(), 1);
+    assert_eq!(flagged[0].0, hash(&pushed));
+    assert_eq!(chunks_stored(&f.store), 2);
+}

@@ -179,6 +179,8 @@ enum Request {
         from: u64,
     },
     Stop,
+    /// The driver thread sleeps past something now due (see `submit`).
+    Wake,
 }
 
 struct Shared {
@@ -246,6 +248,7 @@ impl Node {
         let (tx, rx) = mailbox::unbounded();
         let driver = Driver {
             inbox: Some(rx.clone()),
+            asleep_until: None,
             stopping: false,
             failed: false,
             last_tick: Instant::now(),
@@ -352,7 +355,13 @@ impl Node {
             }
             driver.drain();
             driver.process();
+            let wake = driver.sleeps_too_long();
             drop(driver);
+            if wake {
+                // A commit to announce is due before the driver thread's
+                // next look: it must look sooner.
+                let _ = self.requests.send(Request::Wake);
+            }
             if self.requests.is_empty() {
                 break;
             }
@@ -449,6 +458,8 @@ struct Driver {
     /// The driver thread's mailbox, for whichever thread runs the loop to
     /// take what is queued; `None` once the driver has stopped.
     inbox: Option<Receiver<Request>>,
+    /// Until when the driver thread sleeps, while it does.
+    asleep_until: Option<Instant>,
     /// A stop was asked for, or the store failed: the driver thread ends.
     stopping: bool,
     failed: bool,
@@ -490,13 +501,19 @@ impl Driver {
     /// loop under the lock, until a stop or a store failure.
     fn run(driver: &Mutex<Driver>, requests: Receiver<Request>) {
         loop {
-            let wait = driver.lock().wait();
+            let wait = {
+                let mut d = driver.lock();
+                let wait = d.wait();
+                d.asleep_until = Some(Instant::now() + wait);
+                wait
+            };
             let first = match requests.recv_timeout(wait) {
                 Ok(req) => Some(req),
                 Err(RecvError::Timeout) => None,
                 Err(RecvError::Closed) => break,
             };
             let mut d = driver.lock();
+            d.asleep_until = None;
             if let Some(req) = first {
                 d.handle(req);
             }
@@ -531,6 +548,14 @@ impl Driver {
             wait = wait.min(ANNOUNCE_DELAY);
         }
         wait
+    }
+
+    /// Whether the driver thread sleeps past what is now due: a thread
+    /// that ran the loop may have left a commit to announce, and nothing
+    /// else wakes the driver thread (see `submit`).
+    fn sleeps_too_long(&self) -> bool {
+        self.asleep_until
+            .is_some_and(|until| until > Instant::now() + self.wait())
     }
 
     /// Handles the requests queued in the mailbox.
@@ -609,6 +634,7 @@ impl Driver {
                 }
             }
             Request::Stop => self.stopping = true,
+            Request::Wake => {}
         }
     }
 

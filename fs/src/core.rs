@@ -219,13 +219,17 @@ impl FsCore {
         }
     }
 
-    /// The file created here under `name` in `parent`, not proposed yet.
-    fn unborn_named(&self, parent: u64, name: &[u8]) -> Option<u64> {
+    /// The inode `name` in `parent` points to here: in the namespace, or
+    /// a file created here and not proposed yet.
+    fn ino_named(&self, parent: u64, name: &[u8]) -> Result<Option<u64>> {
+        if let Some(entry) = self.namespace().lookup(parent, name)? {
+            return Ok(Some(entry.ino));
+        }
         let unborn = self.unborn.lock();
         let found = unborn
             .iter()
             .find(|(_, u)| u.parent == parent && u.name == name);
-        found.map(|(ino, _)| *ino)
+        Ok(found.map(|(ino, _)| *ino))
     }
 
     /// A number for a new inode, from those this node reserved.
@@ -246,14 +250,10 @@ impl FsCore {
     /// The inode a name points to; `None` when the name does not exist.
     pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Option<Inode>> {
         check_name(name)?;
-        let ino = match self.namespace().lookup(parent, name)? {
-            Some(entry) => entry.ino,
-            None => match self.unborn_named(parent, name) {
-                Some(ino) => ino,
-                None => return Ok(None),
-            },
-        };
-        Ok(Some(self.getattr(ino)?))
+        match self.ino_named(parent, name)? {
+            Some(ino) => Ok(Some(self.getattr(ino)?)),
+            None => Ok(None),
+        }
     }
 
     /// The inode as this node sees it: with its open files' unwritten
@@ -467,12 +467,8 @@ impl FsCore {
     /// Whether the inode `name` points to is open here: then its last
     /// unlink must keep it (as an orphan) until the last handle closes.
     fn open_target(&self, parent: u64, name: &[u8]) -> Result<bool> {
-        let ino = match self.namespace().lookup(parent, name)? {
-            Some(entry) => entry.ino,
-            None => match self.unborn_named(parent, name) {
-                Some(ino) => ino,
-                None => return Ok(false),
-            },
+        let Some(ino) = self.ino_named(parent, name)? else {
+            return Ok(false);
         };
         Ok(match self.open.lock().get_mut(&ino) {
             Some(open) => {

@@ -550,12 +550,13 @@ impl Driver {
         wait
     }
 
-    /// Whether the driver thread sleeps past what is now due: a thread
-    /// that ran the loop may have left a commit to announce, and nothing
-    /// else wakes the driver thread (see `submit`).
+    /// Whether the driver thread sleeps past what is now due, by more
+    /// than an announcement may wait: a thread that ran the loop may have
+    /// left a commit to announce, and nothing else wakes the driver thread
+    /// (see `submit`). Its usual sleep, until the next tick, is due anyway.
     fn sleeps_too_long(&self) -> bool {
         self.asleep_until
-            .is_some_and(|until| until > Instant::now() + self.wait())
+            .is_some_and(|until| until > Instant::now() + self.wait() + ANNOUNCE_DELAY)
     }
 
     /// Handles the requests queued in the mailbox.

@@ -962,13 +962,15 @@ impl<'a> Txn<'a> {
 
     fn set_content(&mut self, s: &wpfs_proto::SetContent) -> Result<Option<Inode>> {
         // A file born with its contents (`create`) has no slots yet, unless
-        // another node made the name meanwhile: then the new contents
+        // another node made the name meanwhile (create then answers with
+        // that file, not the reserved number): then the new contents
         // replace that file's whole.
         let mut born = None;
         let mut inode = match &s.create {
             Some(c) if c.kind == FileKind::Regular as i32 && !c.exclusive => {
-                born = Some(self.entry(c.parent, &c.name)?.is_none());
-                self.create(c)?.ok_or(Error::Errno(libc::EIO))?
+                let inode = self.create(c)?.ok_or(Error::Errno(libc::EIO))?;
+                born = Some(c.ino != 0 && inode.ino == c.ino);
+                inode
             }
             Some(_) => return errno(libc::EINVAL),
             None => self.inode(s.ino)?,

@@ -412,7 +412,7 @@ impl FsCore {
         caller: Caller,
     ) -> Result<(Inode, u64)> {
         check_name(name)?;
-        if exclusive || self.opts.read_only || self.lookup(parent, name)?.is_some() {
+        if exclusive || self.opts.read_only || self.ino_named(parent, name)?.is_some() {
             let inode = self.create(parent, name, NewNode::File { mode, exclusive }, caller)?;
             return Ok((inode.clone(), self.open(inode.ino)?));
         }

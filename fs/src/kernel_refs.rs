@@ -48,8 +48,8 @@ impl KernelRefs {
 
     /// Every inode the kernel may cache anything of.
     pub fn held(&self) -> Vec<u64> {
-        let mut held: Vec<u64> = self.counts.lock().keys().copied().collect();
-        held.push(ROOT_INO);
-        held
+        let counts = self.counts.lock();
+        let root = (!counts.contains_key(&ROOT_INO)).then_some(ROOT_INO);
+        counts.keys().copied().chain(root).collect()
     }
 }

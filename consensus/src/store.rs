@@ -143,7 +143,21 @@ fn cf_options(name: &str, cache: &Cache) -> Options {
         opts.set_blob_compression_type(rocksdb::DBCompressionType::Lz4);
         opts.set_enable_blob_gc(true);
     }
-    opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    if name != CF_RAFT {
+        // Many reads ask the memtable for a key it lacks (a name not yet
+        // made, a chunk not yet here, an inode counted from disk): a bloom
+        // filter answers them without walking its skiplist. The Raft log
+        // is read from memory (`raft_log`).
+        opts.set_memtable_whole_key_filtering(true);
+        opts.set_memtable_prefix_bloom_ratio(0.02);
+    }
+    // The Raft log is deleted soon after it is written (`compact_log`):
+    // compressing it at every memtable flush is work for nothing.
+    opts.set_compression_type(if name == CF_RAFT {
+        rocksdb::DBCompressionType::None
+    } else {
+        rocksdb::DBCompressionType::Lz4
+    });
     opts
 }
 

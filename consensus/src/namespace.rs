@@ -385,6 +385,18 @@ impl Namespace {
     /// had in fact kept it) changes nothing the second time; its outcome
     /// is `None` and nobody waits for it.
     pub fn apply(&self, index: u64, term: u64, cmd: &Command) -> Result<Option<Outcome>> {
+        self.apply_with(index, term, cmd, |_, _| {})
+    }
+
+    /// `apply`, with `also` adding to the command's write what the node
+    /// stores along with it (one write instead of two).
+    pub fn apply_with(
+        &self,
+        index: u64,
+        term: u64,
+        cmd: &Command,
+        also: impl FnOnce(&Outcome, &mut WriteBatch),
+    ) -> Result<Option<Outcome>> {
         // The proposer's recent request ids, sorted; those below its oldest
         // waiting one cannot come again and are forgotten. One small value
         // per node: deleting a key per command would leave a trail of
@@ -441,6 +453,7 @@ impl Namespace {
         batch.put_cf(cf, KEY_APPLIED, applied_value(index, term));
         let value: Vec<u8> = seen.iter().flat_map(|id| be(*id)).collect();
         batch.put_cf(cf, &seen_key, value);
+        also(&outcome, &mut batch);
         self.store.db().write(batch)?;
         Ok(Some(outcome))
     }

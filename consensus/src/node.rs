@@ -90,6 +90,10 @@ const SNAPSHOT_STALL: Duration = Duration::from_secs(15);
 /// What the filesystem layer learns from the driver as the log is applied.
 /// Called on the driver thread: implementations hand work off and return.
 pub trait ApplyObserver: Send + Sync {
+    /// Before the command's changes are written: what this node stores
+    /// because of it goes into `batch`, written with them.
+    fn storing(&self, cmd: &Command, outcome: &Outcome, batch: &mut WriteBatch);
+    /// After they are written.
     fn applied(&self, cmd: &Command, outcome: &Outcome);
     /// The whole namespace was replaced by a snapshot.
     fn snapshot_installed(&self);
@@ -990,10 +994,19 @@ impl Driver {
                 return self.namespace.apply_nothing(entry.index, entry.term);
             }
         };
-        let Some(outcome) = self.namespace.apply(entry.index, entry.term, &cmd)? else {
+        let observer = self.shared.observer.lock().clone();
+        let also = |outcome: &Outcome, batch: &mut WriteBatch| {
+            if let Some(o) = &observer {
+                o.storing(&cmd, outcome, batch);
+            }
+        };
+        let Some(outcome) = self
+            .namespace
+            .apply_with(entry.index, entry.term, &cmd, also)?
+        else {
             return Ok(()); // a repeat of a command already applied
         };
-        if let Some(o) = self.shared.observer.lock().clone() {
+        if let Some(o) = observer {
             o.applied(&cmd, &outcome);
         }
         if cmd.node_id == self.id {

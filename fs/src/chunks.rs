@@ -160,26 +160,21 @@ impl ChunkStore {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        self.store_chunk(hash, data, Some(&now.to_be_bytes()))
-    }
-
-    /// Stores a chunk carried in the command being applied (its `hash`
-    /// computed by the caller). That command's reference already counts
-    /// it, and losing the reference flags it, so it needs no arrival flag:
-    /// flags would make the collector look at every small file written
-    /// elsewhere, every run, for five minutes.
-    pub fn put_carried(&self, hash: &Hash, data: &[u8]) -> Result<()> {
-        self.store_chunk(hash, data, None)
-    }
-
-    fn store_chunk(&self, hash: &Hash, data: &[u8], flag: Option<&[u8]>) -> Result<()> {
-        self.space.check(data.len())?;
         let mut batch = WriteBatch::default();
-        batch.put_cf(self.store.cf(CF_CHUNKS), hash, data);
-        if let Some(flag) = flag {
-            batch.put_cf(self.store.cf(CF_META), garbage_key(hash), flag);
-        }
+        self.put_carried(&mut batch, hash, data)?;
+        batch.put_cf(self.store.cf(CF_META), garbage_key(hash), now.to_be_bytes());
         self.store.db().write(batch)?;
+        Ok(())
+    }
+
+    /// Adds a chunk carried in the command being applied (its `hash`
+    /// computed by the caller) to that command's write. The command's
+    /// reference already counts it, and losing the reference flags it, so
+    /// it needs no arrival flag: flags would make the collector look at
+    /// every small file written elsewhere, every run, for five minutes.
+    pub fn put_carried(&self, batch: &mut WriteBatch, hash: &Hash, data: &[u8]) -> Result<()> {
+        self.space.check(data.len())?;
+        batch.put_cf(self.store.cf(CF_CHUNKS), hash, data);
         Ok(())
     }
 

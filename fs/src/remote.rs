@@ -27,6 +27,7 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use rocksdb::WriteBatch;
 use wpfs_consensus::mailbox::{self, RecvError, Sender};
 use wpfs_consensus::ApplyObserver;
 use wpfs_proto::{Command, Op, Outcome};
@@ -136,6 +137,14 @@ impl RemoteChanges {
 }
 
 impl ApplyObserver for RemoteChanges {
+    fn storing(&self, cmd: &Command, outcome: &Outcome, batch: &mut WriteBatch) {
+        if let (Some(Op::SetContent(s)), Some(r)) = (&cmd.op, &self.replicator) {
+            if outcome.errno == 0 && cmd.node_id != self.node_id {
+                r.received(s, cmd.node_id, batch);
+            }
+        }
+    }
+
     fn applied(&self, cmd: &Command, outcome: &Outcome) {
         if outcome.errno != 0 {
             return;
@@ -172,12 +181,15 @@ impl ApplyObserver for RemoteChanges {
             Some(Op::SetXattr(x)) => self.inode(x.ino),
             Some(Op::RemoveXattr(x)) => self.inode(x.ino),
             Some(Op::SetContent(s)) => {
+                let ino = outcome.inode.as_ref().map_or(s.ino, |i| i.ino);
                 if let Some(c) = &s.create {
                     self.entry(c.parent, &c.name);
                 }
-                self.inode(outcome.inode.as_ref().map_or(s.ino, |i| i.ino));
-                if let Some(r) = &self.replicator {
-                    r.received(s, cmd.node_id);
+                // A file this command made has a number the kernel here was
+                // never given (numbers are not reused); one it found may be
+                // held.
+                if s.create.is_none() || ino != s.ino {
+                    self.inode(ino);
                 }
             }
             Some(Op::Reap(_)) | Some(Op::Reserve(_)) | None => {}

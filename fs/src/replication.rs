@@ -34,6 +34,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use rocksdb::WriteBatch;
 use wpfs_consensus::mailbox::{self, Receiver, Sender};
 use wpfs_consensus::namespace::{Hash, Namespace};
 use wpfs_consensus::Transport;
@@ -151,24 +152,34 @@ impl Replicator {
         }
     }
 
-    /// New contents written on node `writer` were applied here: stores the
-    /// chunks the command carries and queues the others this node lacks.
-    pub fn received(&self, content: &SetContent, writer: u64) {
+    /// New contents written on node `writer` are being applied here: puts
+    /// the chunks the command carries into its write (`batch`), and queues
+    /// the others this node lacks.
+    pub fn received(&self, content: &SetContent, writer: u64, batch: &mut WriteBatch) {
         if self.witness {
             return;
         }
+        // The chunks here once the batch is written: `want` need not look
+        // them up again.
+        let mut here = Vec::with_capacity(content.carried.len());
         for data in &content.carried {
             let hash = *blake3::hash(data).as_bytes();
-            if !self.chunks.contains(&hash).unwrap_or(false) {
-                // A failure (a full disk) leaves it to the fetch below.
-                let stored = self.chunks.put_carried(&hash, data).map(|()| true);
-                self.stored(&hash, data.len(), stored);
+            // A failure (a full disk) leaves it to the fetch below.
+            if self.chunks.contains(&hash).unwrap_or(false)
+                || self.stored(
+                    &hash,
+                    data.len(),
+                    self.chunks.put_carried(batch, &hash, data).map(|()| true),
+                )
+            {
+                here.push(hash);
             }
         }
         let hashes = content
             .chunks
             .iter()
-            .filter_map(|c| Hash::try_from(&c.hash[..]).ok());
+            .filter_map(|c| Hash::try_from(&c.hash[..]).ok())
+            .filter(|h| !here.contains(h));
         self.want(hashes, writer);
     }
 

@@ -357,10 +357,12 @@ fn a_carried_chunk_is_not_left_for_the_collector_to_look_at() {
     let carried = pattern(8, 1000);
     let pushed = pattern(9, 1000);
     let hash = |d: &[u8]| *blake3::hash(d).as_bytes();
+    let mut batch = rocksdb::WriteBatch::default();
     f.core
         .chunks()
-        .put_carried(&hash(&carried), &carried)
+        .put_carried(&mut batch, &hash(&carried), &carried)
         .unwrap();
+    f.store.db().write(batch).unwrap();
     f.core.chunks().put_hashed(&hash(&pushed), &pushed).unwrap();
     let flagged: Vec<_> = f.core.namespace().garbage_chunks().unwrap();
     assert_eq!(flagged.len(), 1);

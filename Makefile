@@ -5,7 +5,7 @@
 #   sudo make install   put wpfs in /usr/local/bin and mount.wpfs in /sbin (for fstab)
 #
 # The build goes to /var/tmp/wpfs-target (.cargo/config.toml); ccache keeps
-# RocksDB's C++ build (~17 min cold on 2 cores) to about half a minute warm.
+# RocksDB's C++ build (17-33 min cold on 2 cores) to about half a minute warm.
 
 SHELL := /bin/bash
 TARGET ?= /var/tmp/wpfs-target

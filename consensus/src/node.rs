@@ -88,7 +88,8 @@ const ANNOUNCE_DELAY: Duration = Duration::from_millis(2);
 const SNAPSHOT_STALL: Duration = Duration::from_secs(15);
 
 /// What the filesystem layer learns from the driver as the log is applied.
-/// Called on the driver thread: implementations hand work off and return.
+/// Called under the driver's lock, by whichever thread runs the loop
+/// (`Node::submit`): implementations hand work off and return.
 pub trait ApplyObserver: Send + Sync {
     /// Before the command's changes are written: what this node stores
     /// because of it goes into `batch`, written with them.

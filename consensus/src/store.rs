@@ -143,21 +143,19 @@ fn cf_options(name: &str, cache: &Cache) -> Options {
         opts.set_blob_compression_type(rocksdb::DBCompressionType::Lz4);
         opts.set_enable_blob_gc(true);
     }
-    if name != CF_RAFT {
+    if name == CF_RAFT {
+        // The Raft log is deleted soon after it is written (`compact_log`)
+        // and read from memory (`raft_log`): compressing it at every
+        // memtable flush is work for nothing.
+        opts.set_compression_type(rocksdb::DBCompressionType::None);
+    } else {
         // Many reads ask the memtable for a key it lacks (a name not yet
         // made, a chunk not yet here, an inode counted from disk): a bloom
-        // filter answers them without walking its skiplist. The Raft log
-        // is read from memory (`raft_log`).
+        // filter answers them without walking its skiplist.
         opts.set_memtable_whole_key_filtering(true);
         opts.set_memtable_prefix_bloom_ratio(0.02);
+        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
     }
-    // The Raft log is deleted soon after it is written (`compact_log`):
-    // compressing it at every memtable flush is work for nothing.
-    opts.set_compression_type(if name == CF_RAFT {
-        rocksdb::DBCompressionType::None
-    } else {
-        rocksdb::DBCompressionType::Lz4
-    });
     opts
 }
 

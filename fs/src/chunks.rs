@@ -160,6 +160,7 @@ impl ChunkStore {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
+        // A carried chunk's put, plus the arrival flag it does not need.
         let mut batch = WriteBatch::default();
         self.put_carried(&mut batch, hash, data)?;
         batch.put_cf(self.store.cf(CF_META), garbage_key(hash), now.to_be_bytes());

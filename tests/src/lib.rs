@@ -76,9 +76,19 @@ pub fn fuse_available() -> bool {
 
 static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
 
+/// A port for a node to listen on. Below the kernel's ephemeral range
+/// (32768 and up), so that no outgoing connection of this machine can hold
+/// it, in a block of its own per test process, and skipping any port that
+/// something (a daemon of an earlier run) still listens on.
 fn port() -> u16 {
-    let base = 20000 + (std::process::id() % 2000) as u16 * 10;
-    base + NEXT_PORT.fetch_add(1, Ordering::Relaxed)
+    const FIRST: u16 = 10_000;
+    const BLOCK: u16 = 200;
+    const BLOCKS: u32 = (32_000 - FIRST as u32) / BLOCK as u32;
+    let base = FIRST + (std::process::id() % BLOCKS) as u16 * BLOCK;
+    (0..BLOCK)
+        .map(|_| base + NEXT_PORT.fetch_add(1, Ordering::Relaxed) % BLOCK)
+        .find(|&port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
+        .unwrap_or_else(|| panic!("no free port in {base}..{}", base + BLOCK))
 }
 
 /// `wpfs init` of node 1 of a new cluster in `data`; returns its output.

@@ -16,7 +16,11 @@
 //! first invalidation; the kernel has no version check for names.
 //!
 //! Only what the kernel can hold is invalidated (`kernel_refs`), checked
-//! at each send: a lookup answered meanwhile is covered by the resends.
+//! when the change is applied and again at each send. Nothing is queued
+//! for a directory the kernel does not hold: a lookup in it needs the
+//! directory first, and the directory is counted before that reply goes
+//! out, so a lookup racing with the change finds it counted. A tree copied
+//! in on another node thus wakes nothing here.
 //!
 //! The thread works in batches: whatever queued up while it slept, and the
 //! resends that are due, at most every `GATHER`, each invalidation once.
@@ -52,6 +56,7 @@ enum Invalidation {
 pub struct RemoteChanges {
     node_id: u64,
     invalidations: Sender<Invalidation>,
+    refs: Arc<KernelRefs>,
     notifier: Arc<OnceLock<fuser::Notifier>>,
     replicator: Option<Arc<Replicator>>,
 }
@@ -65,6 +70,7 @@ impl RemoteChanges {
         let (tx, rx) = mailbox::unbounded::<Invalidation>();
         let notifier: Arc<OnceLock<fuser::Notifier>> = Arc::new(OnceLock::new());
         let n = notifier.clone();
+        let thread_refs = refs.clone();
         std::thread::Builder::new()
             .name("invalidate".into())
             .spawn(move || {
@@ -101,7 +107,7 @@ impl RemoteChanges {
                     batch.retain(|item| seen.insert(item.clone()));
                     for (inval, sent) in batch {
                         if let Some(notifier) = n.get() {
-                            send(notifier, &refs, inval.clone());
+                            send(notifier, &thread_refs, inval.clone());
                         }
                         if let Some(delay) = RESEND_AFTER.get(sent) {
                             again[sent].push_back((now + *delay, inval));
@@ -114,6 +120,7 @@ impl RemoteChanges {
         Arc::new(RemoteChanges {
             node_id,
             invalidations: tx,
+            refs,
             notifier,
             replicator,
         })
@@ -125,14 +132,18 @@ impl RemoteChanges {
     }
 
     fn entry(&self, parent: u64, name: &[u8]) {
-        let _ = self
-            .invalidations
-            .send(Invalidation::Entry(parent, name.to_vec()));
-        let _ = self.invalidations.send(Invalidation::Inode(parent));
+        if self.refs.holds(parent) {
+            let _ = self
+                .invalidations
+                .send(Invalidation::Entry(parent, name.to_vec()));
+            let _ = self.invalidations.send(Invalidation::Inode(parent));
+        }
     }
 
     fn inode(&self, ino: u64) {
-        let _ = self.invalidations.send(Invalidation::Inode(ino));
+        if self.refs.holds(ino) {
+            let _ = self.invalidations.send(Invalidation::Inode(ino));
+        }
     }
 }
 

@@ -73,12 +73,24 @@ fn a_change_on_any_node_is_seen_on_every_node() {
     write_file(a.path("cached"), b"old version").unwrap();
     wait_for_bytes(&b.path("cached"), b"old version");
     assert!(!b.path("appears-later").exists());
+    // Likewise in a directory node 2's kernel looked into after it came.
+    fs::create_dir(a.path("sub")).unwrap();
+    wait_until(CONVERGE, "the directory on node 2", || {
+        b.path("sub").is_dir()
+    });
+    // Past the resends of the directory's own invalidation (up to 200 ms),
+    // which would drop what is cached under it by chance.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(fs::read_dir(b.path("sub")).unwrap().count(), 0);
+    assert!(!b.path("sub/appears-later").exists());
     write_file(a.path("cached"), b"the new, longer version").unwrap();
     write_file(a.path("appears-later"), b"here").unwrap();
+    write_file(a.path("sub/appears-later"), b"here too").unwrap();
     wait_until(CONVERGE, "the rewrite to reach node 2", || {
         fs::read(b.path("cached")).unwrap() == b"the new, longer version"
     });
     wait_for_bytes(&b.path("appears-later"), b"here");
+    wait_for_bytes(&b.path("sub/appears-later"), b"here too");
 
     // Renames, links, attributes and deletes replicate too.
     fs::create_dir_all(a.path("d/e")).unwrap();

@@ -42,36 +42,29 @@ while [ $# -gt 0 ]; do
 done
 
 work=$(mktemp -d /var/tmp/wpfs-bench-XXXX)
+. "$here/benches/nodes.sh"
 cleanup() {
-    for m in "$work"/mnt*; do umount "$m" 2>/dev/null || true; done
-    sleep 1
+    stop_nodes
     rm -rf "$work"
 }
 trap cleanup EXIT
 results=$work/results.jsonl
 mkdir -p "$work/local"
 
-# node N: data in $work/dN, mounted at $work/mntN, peers on 127.0.0.1:749N.
-# Node 0 is a cluster of its own: the one-node target.
-start_node() {
-    local n=$1
-    mkdir -p "$work/mnt$n"
-    if [ "$n" = 0 ] || [ "$n" = 1 ]; then
-        "$BIN/wpfs" init --data "$work/d$n" --node-id 1 --listen "127.0.0.1:749$n" >/dev/null
-    else
-        "$BIN/wpfs" join --data "$work/d$n" --node-id "$n" --listen "127.0.0.1:749$n" \
-            --peer 127.0.0.1:7491 --token "$("$BIN/wpfs" token --data "$work/d1")" >/dev/null
-    fi
-    "$BIN/wpfs" mount "$work/d$n" "$work/mnt$n" -o allow_other 2>/dev/null
-}
 status() { "$BIN/wpfs" status --data "$work/d$1" --json; }
 field() { python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
+
+# CPU time the host took from this VM (/proc/stat "steal"), in ticks.
+steal() { awk '/^cpu /{print $9}' /proc/stat; }
 
 bench() {
     local label=$1
     shift
+    local before
+    before=$(steal)
     "$WPBENCH" --label "$label" --runs 1 "${only[@]}" "${args[@]}" --json-out "$results" "$@" \
         >/dev/null
+    echo "$label $(($(steal) - before))" >>"$work/steal"
 }
 
 start_node 0
@@ -112,3 +105,9 @@ print(f'catch-up of a new node: {b / 2**20:.0f} MiB in {e - s:.1f} s = {b / 2**2
 fi
 
 "$WPBENCH" --report "$results" --baseline local --markdown
+# On a shared VM a slow spell is the host taking CPU time away: runs that
+# lost much of it measure the neighbours, not wpfs.
+hz=$(getconf CLK_TCK)
+awk -v hz="$hz" '{t[$1] += $2; n[$1]++; if ($2 > m[$1]) m[$1] = $2}
+    END {printf "CPU time stolen by the host during the runs (s, all runs / worst run):"
+         for (l in t) printf "  %s %.1f / %.1f", l, t[l] / hz, m[l] / hz; print ""}' "$work/steal"

@@ -1,0 +1,26 @@
+# Sourced by the benchmarks: wpfs nodes on 127.0.0.1 for a run.
+#
+# Node N keeps its data in $work/dN, is mounted at $work/mntN and talks
+# to its peers on 127.0.0.1:749N. Node 0 is a cluster of its own (the
+# one-node target); nodes 1, 2, 3… form one cluster that node 1 founds.
+# Needs $BIN (where `wpfs` is) and $work.
+
+start_node() {
+    local n=$1
+    mkdir -p "$work/mnt$n"
+    if [ "$n" = 0 ] || [ "$n" = 1 ]; then
+        "$BIN/wpfs" init --data "$work/d$n" --node-id 1 --listen "127.0.0.1:749$n" >/dev/null
+    else
+        "$BIN/wpfs" join --data "$work/d$n" --node-id "$n" --listen "127.0.0.1:749$n" \
+            --peer 127.0.0.1:7491 --token "$("$BIN/wpfs" token --data "$work/d1")" >/dev/null
+    fi
+    "$BIN/wpfs" mount "$work/d$n" "$work/mnt$n" -o allow_other 2>/dev/null
+}
+
+# The daemon serving node N.
+daemon_of() { pgrep -f "wpfs mount $work/d$1 " | head -1; }
+
+stop_nodes() {
+    for m in "$work"/mnt*; do umount "$m" 2>/dev/null || true; done
+    sleep 1
+}

@@ -8,7 +8,7 @@ use wpfs_consensus::raft_log::RaftLog;
 use wpfs_consensus::{Namespace, Store};
 
 use crate::admin;
-use crate::config::{db_path, prepare_new_dir, NodeConfig, SOCKET_FILE};
+use crate::config::{db_path, prepare_new_dir, NodeConfig, JOINING_FILE, SOCKET_FILE};
 
 /// `wpfs init`: a new cluster whose only voter is this node.
 pub fn init(dir: &Path, node_id: u64, listen: &str, admin: Option<&str>) -> Result<String, String> {
@@ -66,24 +66,43 @@ pub fn token(dir: &Path) -> Result<String, String> {
     Ok(NodeConfig::load(dir)?.join_token())
 }
 
-/// `wpfs status`: from the running daemon, or from the store when stopped.
+/// `wpfs status`: from the running daemon, or from the store when stopped
+/// (or still joining: the daemon's admin endpoint comes up after that).
 pub fn status(dir: &Path) -> Result<Value, String> {
     let config = NodeConfig::load(dir)?;
     if let Some(body) = admin::query(&dir.join(SOCKET_FILE), "/status") {
         return serde_json::from_str(&body)
             .map_err(|e| format!("the daemon answered garbage: {e}"));
     }
+    let joining = joining(dir);
+    let mut status = json!({
+        "node_id": config.node_id,
+        "cluster_id": config.cluster_id,
+        "listen": config.listen,
+        "running": joining.is_some(),
+        "role": if joining.is_some() { "joining" } else { "stopped" },
+        "mounted": false,
+        "mountpoint": null,
+        "health": match &joining {
+            Some(line) => format!("joining the cluster: {line} (its first `wpfs mount` shows the same)"),
+            None => "not running: start it with `wpfs mount DIR MOUNTPOINT`".into(),
+        },
+    });
     let db = db_path(dir);
+    if config.peer.is_some() && !db.join("CURRENT").exists() {
+        // Prepared by `wpfs join`: its first mount makes the store.
+        if joining.is_none() {
+            status["health"] = "not a member yet: its first `wpfs mount DIR MOUNTPOINT` joins \
+                                the cluster"
+                .into();
+        }
+        return Ok(status);
+    }
     let store = Store::open_read_only(&db).map_err(|e| e.to_string())?;
     let namespace = Namespace::new(store.clone());
     let (applied, _) = namespace.applied().map_err(|e| e.to_string())?;
     let log = RaftLog::open(store.clone()).map_err(|e| e.to_string())?;
-    Ok(json!({
-        "node_id": config.node_id,
-        "cluster_id": config.cluster_id,
-        "listen": config.listen,
-        "running": false,
-        "role": "stopped",
+    let from_store = json!({
         "leader": 0,
         "term": log.hard_state().term,
         "commit_index": log.hard_state().commit,
@@ -102,10 +121,22 @@ pub fn status(dir: &Path) -> Result<Value, String> {
         })).collect::<Vec<_>>(),
         "store_bytes": store.size_bytes(),
         "inodes": namespace.inode_count().unwrap_or(0),
-        "mounted": false,
-        "mountpoint": null,
-        "health": "not running: start it with `wpfs mount DIR MOUNTPOINT`",
-    }))
+    });
+    if let (Some(all), Value::Object(more)) = (status.as_object_mut(), from_store) {
+        all.extend(more);
+    }
+    Ok(status)
+}
+
+/// The progress of a first mount joining the cluster, while its daemon
+/// runs (`JOINING_FILE`); None when no join is under way.
+fn joining(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join(JOINING_FILE)).ok()?;
+    let (pid, line) = text.split_once('\n')?;
+    // A join killed midway leaves the file behind.
+    Path::new(&format!("/proc/{pid}"))
+        .exists()
+        .then(|| line.to_string())
 }
 
 /// `wpfs leave`: the running node leaves its cluster and unmounts.

@@ -13,6 +13,9 @@ pub const CONFIG_FILE: &str = "wpfs.json";
 pub const DB_DIR: &str = "db";
 pub const SOCKET_FILE: &str = "wpfs.sock";
 pub const LOG_FILE: &str = "wpfs.log";
+/// While a first mount joins the cluster (before the admin socket is up):
+/// the mounting daemon's pid and its latest progress line, for `wpfs status`.
+pub const JOINING_FILE: &str = "joining";
 const FORMAT: u32 = 1;
 
 #[derive(Serialize, Deserialize, Clone, Debug)]

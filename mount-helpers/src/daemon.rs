@@ -25,7 +25,7 @@ use wpfs_fs::{CoreOptions, FsCore, MountOptions};
 
 use crate::admin::{self, AdminState};
 use crate::cluster::{self, PeerHandler, PeerService, LEFT_FILE};
-use crate::config::{db_path, NodeConfig, LOG_FILE, SOCKET_FILE};
+use crate::config::{db_path, NodeConfig, JOINING_FILE, LOG_FILE, SOCKET_FILE};
 use crate::options::Options;
 
 pub struct MountRequest {
@@ -291,7 +291,13 @@ fn run(req: &MountRequest, config: &NodeConfig, reporter: &mut Reporter) -> Resu
             addr: config.listen.clone(),
             witness: config.witness,
         };
-        cluster::join(&service, me, peer, &mut |line| reporter.progress(&line))?;
+        let joining = req.dir.join(JOINING_FILE);
+        let joined = cluster::join(&service, me, peer, &mut |line| {
+            let _ = std::fs::write(&joining, format!("{}\n{line}", std::process::id()));
+            reporter.progress(&line)
+        });
+        let _ = std::fs::remove_file(&joining);
+        joined?;
     }
     if !node.wait_for_leader(req.options.write_timeout) {
         tracing::warn!(

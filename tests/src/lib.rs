@@ -80,7 +80,7 @@ static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
 /// (32768 and up), so that no outgoing connection of this machine can hold
 /// it, in a block of its own per test process, and skipping any port that
 /// something (a daemon of an earlier run) still listens on.
-fn port() -> u16 {
+pub fn port() -> u16 {
     const FIRST: u16 = 10_000;
     const BLOCK: u16 = 200;
     const BLOCKS: u32 = (32_000 - FIRST as u32) / BLOCK as u32;

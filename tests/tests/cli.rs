@@ -1,10 +1,12 @@
 //! The command-line contract and the errors a newcomer hits: each is one
 //! clear line naming the cause, with a non-zero exit, never a panic.
 
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use wpfs_tests::{
-    bin_dir, fuse_available, init, local_dir, run_ok, s, wpfs, wpfs_ok, Node, UnmountOnDrop,
+    bin_dir, daemon_of, fuse_available, init, local_dir, port, run_ok, s, wait_gone, wait_until,
+    wpfs, wpfs_ok, Node, UnmountOnDrop,
 };
 
 fn stderr_of(args: &[&str]) -> String {
@@ -75,6 +77,58 @@ fn status_of_a_stopped_node() {
     assert!(text.contains("health"), "{text}");
     let err = stderr_of(&["status", "--data", s(&tmp.path().join("nothing"))]);
     assert!(err.contains("does not exist"), "{err}");
+}
+
+/// A first mount still joining its cluster (its admin endpoint is not up
+/// yet) shows as joining in `wpfs status`, with its progress; once that
+/// mount is gone, the node shows as stopped again.
+#[test]
+fn status_of_a_node_still_joining() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = local_dir();
+    let (founder, data, mnt) = (
+        tmp.path().join("founder"),
+        tmp.path().join("d"),
+        tmp.path().join("mnt"),
+    );
+    let token = init(&founder).trim().lines().last().unwrap().to_string();
+    // Nothing listens at the peer's address: the join waits and retries.
+    let peer = format!("127.0.0.1:{}", port());
+    let listen = format!("127.0.0.1:{}", port());
+    wpfs_ok(&[
+        "join",
+        "--data",
+        s(&data),
+        "--node-id",
+        "2",
+        "--listen",
+        &listen,
+        "--peer",
+        &peer,
+        "--token",
+        &token,
+    ]);
+    std::fs::create_dir(&mnt).unwrap();
+    let mut mount = Command::new(bin_dir().join("wpfs"))
+        .args(["mount", s(&data), s(&mnt)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("running wpfs mount");
+    let status = || -> serde_json::Value {
+        serde_json::from_str(&wpfs_ok(&["status", "--data", s(&data), "--json"])).unwrap()
+    };
+    wait_until(Duration::from_secs(20), "status to show the join", || {
+        let v = status();
+        v["role"] == "joining" && v["health"].as_str().is_some_and(|h| h.contains(&peer))
+    });
+    let daemon = daemon_of(&mount).expect("the mount's daemon");
+    unsafe { libc::kill(daemon, libc::SIGKILL) };
+    assert!(wait_gone(daemon, Duration::from_secs(30)));
+    let _ = mount.wait();
+    assert_eq!(status()["role"], "stopped");
 }
 
 #[test]

@@ -46,6 +46,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// An inbound connection silent this long is closed; its dialer reconnects.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const RECONNECT_DELAY: Duration = Duration::from_millis(200);
+/// A link to an address that no member has any more (a removed node's, a
+/// join's first peer) stops dialing once unused this long.
+const UNUSED_LINK_KEPT: Duration = Duration::from_secs(10);
 /// In the error of a call to a peer that refused this node's credentials.
 pub const REFUSED: &str =
     "refused by the peer: this node's cluster id or secret is not its cluster's";
@@ -264,6 +267,7 @@ impl Inner {
     fn link(self: &Arc<Self>, addr: &str) -> Arc<Link> {
         let mut links = self.links.lock();
         if let Some(l) = links.get(addr) {
+            *l.used.lock() = Instant::now();
             return l.clone();
         }
         let (wake_tx, wake_rx) = mailbox::bounded(1);
@@ -273,6 +277,7 @@ impl Inner {
             stream: Mutex::new(None),
             pending: Mutex::new(HashMap::new()),
             last_error: Mutex::new(None),
+            used: Mutex::new(Instant::now()),
         });
         links.insert(addr.to_string(), link.clone());
         let (inner, l) = (self.clone(), link.clone());
@@ -282,9 +287,17 @@ impl Inner {
         link
     }
 
-    /// Keeps the link to one address connected and writes out its backlog.
+    /// Keeps the link to one address connected and writes out its backlog,
+    /// while a member listens there or the link is in use.
     fn dial_loop(self: &Arc<Self>, link: &Arc<Link>, wake: Receiver<()>) {
         loop {
+            if self.forget_if_unused(link) {
+                tracing::info!(
+                    "no member listens at {} any more: stopped dialing it",
+                    link.addr
+                );
+                return;
+            }
             match self.dial(&link.addr) {
                 Ok((stream, peer)) => {
                     *link.last_error.lock() = None;
@@ -307,6 +320,22 @@ impl Inner {
             let _ = wake.recv_timeout(RECONNECT_DELAY);
             std::thread::sleep(RECONNECT_DELAY / 4);
         }
+    }
+
+    /// Drops `link` when no member has its address and nobody used it for
+    /// `UNUSED_LINK_KEPT`. The last check is made under the lock that
+    /// `link()` takes, so a caller either finds the link still there (and
+    /// marks it used) or makes a new one.
+    fn forget_if_unused(&self, link: &Link) -> bool {
+        if self.addrs.read().values().any(|a| *a == link.addr) {
+            return false;
+        }
+        let mut links = self.links.lock();
+        if link.used.lock().elapsed() < UNUSED_LINK_KEPT || !link.pending.lock().is_empty() {
+            return false;
+        }
+        links.remove(&link.addr);
+        true
     }
 
     fn dial(&self, addr: &str) -> Result<(Arc<TlsStream>, u64), String> {
@@ -596,6 +625,8 @@ struct Link {
     stream: Mutex<Option<Arc<TlsStream>>>,
     pending: Mutex<HashMap<u64, Sender<PeerResponse>>>,
     last_error: Mutex<Option<String>>,
+    /// When a caller last asked for the link (`Inner::link`).
+    used: Mutex<Instant>,
 }
 
 impl Link {

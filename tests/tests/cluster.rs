@@ -194,6 +194,17 @@ fn concurrent_writers_on_all_nodes_converge() {
     }
 }
 
+/// Threads of daemon `pid` that keep a link to a peer address.
+fn dialing_threads(pid: i32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter(|t| {
+            fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("peer-out"))
+        })
+        .count()
+}
+
 #[test]
 fn nodes_join_leave_and_are_removed_and_the_cluster_restarts_whole() {
     if !fuse_available() {
@@ -250,6 +261,11 @@ fn nodes_join_leave_and_are_removed_and_the_cluster_restarts_whole() {
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("left its cluster"));
     cluster.wait_for_voters(2);
+    // Node 1 stops dialing the two that are gone; one link is left.
+    let pid = cluster.node(1).pid().expect("node 1's daemon");
+    wait_until(CONVERGE, "node 1 to stop dialing nodes 3 and 4", || {
+        dialing_threads(pid) == 1
+    });
 
     // The remaining two stop and start again: nothing is lost.
     let want = tree(&cluster.node(1).mnt);

@@ -98,11 +98,25 @@ pub fn status(dir: &Path) -> Result<Value, String> {
         }
         return Ok(status);
     }
-    let store = Store::open_read_only(&db).map_err(|e| e.to_string())?;
+    let from_store = match stored_status(&db) {
+        Ok(fields) => fields,
+        // The joining daemon is making its store: nothing to read yet.
+        Err(_) if joining.is_some() => return Ok(status),
+        Err(e) => return Err(e),
+    };
+    if let (Some(all), Value::Object(more)) = (status.as_object_mut(), from_store) {
+        all.extend(more);
+    }
+    Ok(status)
+}
+
+/// What a stopped node's store says of it, for `wpfs status`.
+fn stored_status(db: &Path) -> Result<Value, String> {
+    let store = Store::open_read_only(db).map_err(|e| e.to_string())?;
     let namespace = Namespace::new(store.clone());
     let (applied, _) = namespace.applied().map_err(|e| e.to_string())?;
     let log = RaftLog::open(store.clone()).map_err(|e| e.to_string())?;
-    let from_store = json!({
+    Ok(json!({
         "leader": 0,
         "term": log.hard_state().term,
         "commit_index": log.hard_state().commit,
@@ -121,11 +135,7 @@ pub fn status(dir: &Path) -> Result<Value, String> {
         })).collect::<Vec<_>>(),
         "store_bytes": store.size_bytes(),
         "inodes": namespace.inode_count().unwrap_or(0),
-    });
-    if let (Some(all), Value::Object(more)) = (status.as_object_mut(), from_store) {
-        all.extend(more);
-    }
-    Ok(status)
+    }))
 }
 
 /// The progress of a first mount joining the cluster, while its daemon

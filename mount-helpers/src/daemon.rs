@@ -248,6 +248,9 @@ fn run(req: &MountRequest, config: &NodeConfig, reporter: &mut Reporter) -> Resu
     let db = db_path(&req.dir);
     // A joined node's store is created by its first mount.
     let first_mount = config.peer.is_some() && !db.exists();
+    if first_mount {
+        joining_progress(&req.dir, "making the store");
+    }
     let store = Store::open(&db, first_mount).map_err(|e| match e {
         StoreError::Locked { .. } => format!(
             "{} is in use by a running wpfs (mounted elsewhere?): `wpfs status --data {}` shows where",
@@ -291,12 +294,11 @@ fn run(req: &MountRequest, config: &NodeConfig, reporter: &mut Reporter) -> Resu
             addr: config.listen.clone(),
             witness: config.witness,
         };
-        let joining = req.dir.join(JOINING_FILE);
         let joined = cluster::join(&service, me, peer, &mut |line| {
-            let _ = std::fs::write(&joining, format!("{}\n{line}", std::process::id()));
+            joining_progress(&req.dir, &line);
             reporter.progress(&line)
         });
-        let _ = std::fs::remove_file(&joining);
+        let _ = std::fs::remove_file(req.dir.join(JOINING_FILE));
         joined?;
     }
     if !node.wait_for_leader(req.options.write_timeout) {
@@ -400,6 +402,15 @@ fn run(req: &MountRequest, config: &NodeConfig, reporter: &mut Reporter) -> Resu
     node.stop();
     tracing::info!("unmounted {}; store closed", req.mountpoint.display());
     served.map_err(|e| format!("FUSE session ended with an error: {e}"))
+}
+
+/// Where a first mount's join is, for `wpfs status` (`JOINING_FILE`): a
+/// join killed midway leaves the file behind with a pid that is gone.
+fn joining_progress(dir: &Path, line: &str) {
+    let _ = std::fs::write(
+        dir.join(JOINING_FILE),
+        format!("{}\n{line}", std::process::id()),
+    );
 }
 
 /// Every few seconds: collects unreferenced chunks and retries chunk

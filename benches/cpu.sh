@@ -16,10 +16,7 @@
 # Needs wpbench (WPBENCH=path) and a build ($BIN), like run.sh.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
-WPBENCH=${WPBENCH:-$here/../shared/bench/wpbench}
-BIN=${BIN:-/var/tmp/wpfs-target/debug}
-[ -x "$WPBENCH" ] || { echo "no wpbench at $WPBENCH: set WPBENCH=path" >&2; exit 1; }
-[ -x "$BIN/wpfs" ] || { echo "no wpfs in $BIN: run 'make build' or set BIN" >&2; exit 1; }
+. "$here/benches/lib.sh"
 runs=3 min_size=0 max_size=$((1 << 40))
 while [ $# -gt 0 ]; do
     case $1 in
@@ -31,7 +28,6 @@ while [ $# -gt 0 ]; do
 done
 
 work=$(mktemp -d /var/tmp/wpfs-cpu-XXXX)
-. "$here/benches/nodes.sh"
 trap 'stop_nodes; rm -rf "$work"' EXIT
 
 # Extracts the tree $runs times into $1 (deleting it after each run) and

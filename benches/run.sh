@@ -21,10 +21,7 @@
 # Builds nothing: run `make build` first (uses $BIN, default the dev build).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
-WPBENCH=${WPBENCH:-$here/../shared/bench/wpbench}
-BIN=${BIN:-/var/tmp/wpfs-target/debug}
-[ -x "$WPBENCH" ] || { echo "no wpbench at $WPBENCH: set WPBENCH=path" >&2; exit 1; }
-[ -x "$BIN/wpfs" ] || { echo "no wpfs in $BIN: run 'make build' or set BIN" >&2; exit 1; }
+. "$here/benches/lib.sh"
 
 nodes=1
 if [ "${1:-}" = "--nodes" ]; then nodes=$2; shift 2; fi
@@ -42,7 +39,6 @@ while [ $# -gt 0 ]; do
 done
 
 work=$(mktemp -d /var/tmp/wpfs-bench-XXXX)
-. "$here/benches/nodes.sh"
 cleanup() {
     stop_nodes
     rm -rf "$work"

@@ -1,9 +1,15 @@
-# Sourced by the benchmarks: wpfs nodes on 127.0.0.1 for a run.
-#
+# Sourced by the benchmarks (after setting $here, the checkout): the
+# wpbench harness and the wpfs build they use, and wpfs nodes on 127.0.0.1.
+
+WPBENCH=${WPBENCH:-$here/../shared/bench/wpbench}
+BIN=${BIN:-/var/tmp/wpfs-target/debug}
+[ -x "$WPBENCH" ] || { echo "no wpbench at $WPBENCH: set WPBENCH=path" >&2; exit 1; }
+[ -x "$BIN/wpfs" ] || { echo "no wpfs in $BIN: run 'make build' or set BIN" >&2; exit 1; }
+
 # Node N keeps its data in $work/dN, is mounted at $work/mntN and talks
 # to its peers on 127.0.0.1:749N. Node 0 is a cluster of its own (the
 # one-node target); nodes 1, 2, 3… form one cluster that node 1 founds.
-# Needs $BIN (where `wpfs` is) and $work.
+# The functions need $work, the run's directory.
 
 start_node() {
     local n=$1

@@ -164,14 +164,12 @@ impl Replicator {
         let mut here = Vec::with_capacity(content.carried.len());
         for data in &content.carried {
             let hash = *blake3::hash(data).as_bytes();
-            // A failure (a full disk) leaves it to the fetch below.
-            if self.chunks.contains(&hash).unwrap_or(false)
-                || self.stored(
-                    &hash,
-                    data.len(),
-                    self.chunks.put_carried(batch, &hash, data).map(|()| true),
-                )
-            {
+            let here_once_written = self.chunks.contains(&hash).unwrap_or(false) || {
+                // A failure (a full disk) leaves it to the fetch below.
+                let put = self.chunks.put_carried(batch, &hash, data).map(|()| true);
+                self.stored(&hash, data.len(), put)
+            };
+            if here_once_written {
                 here.push(hash);
             }
         }

@@ -75,6 +75,9 @@ pub fn status(dir: &Path) -> Result<Value, String> {
             .map_err(|e| format!("the daemon answered garbage: {e}"));
     }
     let joining = joining(dir);
+    let db = db_path(dir);
+    // Prepared by `wpfs join`: its first mount makes the store.
+    let prepared = config.peer.is_some() && !db.join("CURRENT").exists();
     let mut status = json!({
         "node_id": config.node_id,
         "cluster_id": config.cluster_id,
@@ -83,19 +86,13 @@ pub fn status(dir: &Path) -> Result<Value, String> {
         "role": if joining.is_some() { "joining" } else { "stopped" },
         "mounted": false,
         "mountpoint": null,
-        "health": match &joining {
-            Some(line) => format!("joining the cluster: {line} (its first `wpfs mount` shows the same)"),
-            None => "not running: start it with `wpfs mount DIR MOUNTPOINT`".into(),
+        "health": match (&joining, prepared) {
+            (Some(line), _) => format!("joining the cluster: {line} (its first `wpfs mount` shows the same)"),
+            (None, true) => "not a member yet: its first `wpfs mount DIR MOUNTPOINT` joins the cluster".into(),
+            (None, false) => "not running: start it with `wpfs mount DIR MOUNTPOINT`".into(),
         },
     });
-    let db = db_path(dir);
-    if config.peer.is_some() && !db.join("CURRENT").exists() {
-        // Prepared by `wpfs join`: its first mount makes the store.
-        if joining.is_none() {
-            status["health"] = "not a member yet: its first `wpfs mount DIR MOUNTPOINT` joins \
-                                the cluster"
-                .into();
-        }
+    if prepared {
         return Ok(status);
     }
     let from_store = match stored_status(&db) {

@@ -829,11 +829,13 @@ impl Driver {
 
         let mut light = self.raw.advance(ready);
         if let Some(commit) = light.commit_index() {
+            // Only the commit index moved: nothing to write (see
+            // `RaftLog::set_hard_state`).
             let mut hs = self.raw.store().hard_state().clone();
             hs.commit = commit;
-            let mut batch = WriteBatch::default();
-            self.raw.mut_store().set_hard_state(&mut batch, &hs);
-            self.write(batch, false)?;
+            self.raw
+                .mut_store()
+                .set_hard_state(&mut WriteBatch::default(), &hs);
         }
         self.send(light.take_messages());
         self.apply(light.take_committed_entries())?;

@@ -69,7 +69,11 @@ pub struct RaftLog {
 impl RaftLog {
     /// Loads the log state from the store.
     pub fn open(store: Store) -> raft::Result<RaftLog> {
-        let hard_state: HardState = load(&store, KEY_HARD_STATE)?.unwrap_or_default();
+        let mut hard_state: HardState = load(&store, KEY_HARD_STATE)?.unwrap_or_default();
+        let (applied, _) = Namespace::new(store.clone())
+            .applied()
+            .map_err(storage_err)?;
+        hard_state.commit = hard_state.commit.max(applied);
         let conf_state: ConfState = load(&store, KEY_CONF_STATE)?.unwrap_or_default();
         let snap: SnapshotMetadata = load(&store, KEY_SNAPSHOT_META)?.unwrap_or_default();
         let mut log = RaftLog {
@@ -261,8 +265,16 @@ impl RaftLog {
             .get(usize::try_from(index.checked_sub(first)?).ok()?)
     }
 
+    /// Takes `hs`, writing it into `batch` unless only its commit index
+    /// moved and the batch has nothing else to write. A commit index alone
+    /// is not worth a write per entry on the leader's path: whatever this
+    /// node applied was committed, and `open` takes the applied index as
+    /// the least commit index.
     pub fn set_hard_state(&mut self, batch: &mut WriteBatch, hs: &HardState) {
-        batch.put_cf(self.store.cf(CF_RAFT), KEY_HARD_STATE, hs.encode_to_vec());
+        let only_commit = hs.term == self.hard_state.term && hs.vote == self.hard_state.vote;
+        if !(only_commit && batch.is_empty()) {
+            batch.put_cf(self.store.cf(CF_RAFT), KEY_HARD_STATE, hs.encode_to_vec());
+        }
         self.hard_state = hs.clone();
     }
 
@@ -491,6 +503,34 @@ mod tests {
         assert_eq!(log.bytes_now(), 1000);
         assert_eq!(log.first_index_now(), 4);
         assert_eq!(log.index_keeping(0), 4);
+    }
+
+    #[test]
+    fn a_commit_index_not_written_comes_back_as_the_applied_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db"), true).unwrap();
+        RaftLog::bootstrap(&store, 1).unwrap();
+        let mut log = RaftLog::open(store.clone()).unwrap();
+        append(&mut log, &(2..=5).map(|i| entry(i, 10)).collect::<Vec<_>>());
+        let mut hs = log.hard_state().clone();
+        hs.commit = 5;
+        let mut batch = WriteBatch::default();
+        log.set_hard_state(&mut batch, &hs);
+        assert!(
+            batch.is_empty(),
+            "a moved commit index alone is not written"
+        );
+        let namespace = Namespace::new(store.clone());
+        for index in 2..=4 {
+            namespace.apply_nothing(index, 1).unwrap();
+        }
+        assert_eq!(RaftLog::open(store.clone()).unwrap().hard_state().commit, 4);
+        // A new term is written, with the commit index it came with.
+        hs.term = 2;
+        let mut batch = WriteBatch::default();
+        log.set_hard_state(&mut batch, &hs);
+        store.db().write(batch).unwrap();
+        assert_eq!(RaftLog::open(store).unwrap().hard_state(), &hs);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use wpfs_consensus::CHUNK_SIZE;
 use wpfs_proto::{ChunkRef, Create, Inode, SetContent};
 
 use crate::chunks::{ChunkStore, Pinned};
-use crate::error::Result;
+use crate::error::{Errno, Result};
 
 const CHUNK: usize = CHUNK_SIZE as usize;
 /// Unsealed buffers kept per file before they are stored early.
@@ -284,6 +284,11 @@ impl FileState {
 /// Reads a byte range of file `ino` of `size` bytes, with the uncommitted
 /// writes of `state` (if any) over the committed slots. Holes and bytes
 /// past a chunk's end read as zeros.
+///
+/// A committed file deleted by another node has no slots any more: every
+/// chunk of it reads as a hole. Zeros would be wrong bytes, so a read that
+/// found a hole checks that the file still exists, and fails with ESTALE
+/// (as NFS does for a file removed under an open handle) if it does not.
 pub fn read_range(
     contents: &Contents,
     ino: u64,
@@ -305,6 +310,7 @@ pub fn read_range(
         .chunk_slots(ino, first, last, Some(&snapshot))?;
     let mut committed = committed.into_iter().peekable();
     let mut out = vec![0u8; (end - offset) as usize];
+    let mut hole = false;
     for index in first..=last {
         let slot = loop {
             match committed.peek() {
@@ -321,7 +327,10 @@ pub fn read_range(
             None if state.is_some_and(|s| s.truncated_away(index)) => continue,
             None => match slot {
                 Some(s) => Cow::Owned(contents.chunks.get(&s.hash, Some(&snapshot))?),
-                None => continue,
+                None => {
+                    hole = true;
+                    continue;
+                }
             },
         };
         let chunk_start = index * CHUNK_SIZE;
@@ -332,6 +341,10 @@ pub fn read_range(
             let dst = (from - offset) as usize;
             out[dst..dst + src.len()].copy_from_slice(src);
         }
+    }
+    let unborn = state.is_some_and(|s| s.birth().is_some());
+    if hole && !unborn && contents.namespace.inode(ino)?.is_none() {
+        return Err(Errno(libc::ESTALE));
     }
     Ok(out)
 }

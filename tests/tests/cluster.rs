@@ -6,7 +6,8 @@
 //! or the name's absence); concurrent writers end with one whole version
 //! everywhere; nodes join, leave and are removed without losing anything;
 //! the whole cluster restarts with everything intact; a node with a wrong
-//! token is refused.
+//! token is refused; a file deleted elsewhere while open here never reads
+//! as other bytes.
 
 use std::fs;
 use std::path::Path;
@@ -422,4 +423,47 @@ fn a_node_that_missed_many_changes_catches_up_from_a_snapshot() {
         log.matches("installed the snapshot").count() >= 2,
         "node 3 caught up from a second snapshot"
     );
+}
+
+#[test]
+fn a_file_deleted_elsewhere_while_open_here_never_reads_as_other_bytes() {
+    if !fuse_available() {
+        return;
+    }
+    use std::io::{Read, Seek, SeekFrom};
+    let cluster = Cluster::start(3);
+    let data: Vec<u8> = (0..3_000_000u32)
+        .map(|x| (x.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    write_file(cluster.node(1).path("image.jpg"), &data).unwrap();
+    let here = cluster.node(2).path("image.jpg");
+    wait_for_bytes(&here, &data);
+    // A web server on node 2 starts sending the file; an editor on node 1
+    // deletes it meanwhile. The reads below must reach the filesystem, so
+    // the kernel drops the file's pages first.
+    let mut open = fs::File::open(&here).unwrap();
+    let drop_pages = |f: &fs::File| {
+        use std::os::fd::AsRawFd;
+        let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(rc, 0, "posix_fadvise");
+    };
+    drop_pages(&open);
+    let mut first = vec![0u8; 4096];
+    open.read_exact(&mut first).unwrap();
+    assert_eq!(first, data[..4096]);
+    fs::remove_file(cluster.node(1).path("image.jpg")).unwrap();
+    wait_until(CONVERGE, "node 2 to apply the deletion", || !here.exists());
+    drop_pages(&open);
+    // Its slots are gone here: the rest must not read as zeros. An error
+    // is allowed (ESTALE); other bytes are not.
+    let mut rest = Vec::new();
+    open.seek(SeekFrom::Start(4096)).unwrap();
+    match open.read_to_end(&mut rest) {
+        Ok(_) => assert!(
+            data[4096..].starts_with(&rest),
+            "read {} bytes that are not the file's",
+            rest.len()
+        ),
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::ESTALE), "{e}"),
+    }
 }

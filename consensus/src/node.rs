@@ -829,13 +829,7 @@ impl Driver {
 
         let mut light = self.raw.advance(ready);
         if let Some(commit) = light.commit_index() {
-            // Only the commit index moved: nothing to write (see
-            // `RaftLog::set_hard_state`).
-            let mut hs = self.raw.store().hard_state().clone();
-            hs.commit = commit;
-            self.raw
-                .mut_store()
-                .set_hard_state(&mut WriteBatch::default(), &hs);
+            self.raw.mut_store().commit_to(commit);
         }
         self.send(light.take_messages());
         self.apply(light.take_committed_entries())?;

@@ -265,17 +265,20 @@ impl RaftLog {
             .get(usize::try_from(index.checked_sub(first)?).ok()?)
     }
 
-    /// Takes `hs`, writing it into `batch` unless only its commit index
-    /// moved and the batch has nothing else to write. A commit index alone
-    /// is not worth a write per entry on the leader's path: whatever this
-    /// node applied was committed, and `open` takes the applied index as
-    /// the least commit index.
+    /// Takes `hs`, writing it into `batch` when its term or vote changed.
+    /// A moved commit index alone is not worth a write per entry on the
+    /// leader's path: whatever this node applied was committed, and `open`
+    /// takes the applied index as the least commit index.
     pub fn set_hard_state(&mut self, batch: &mut WriteBatch, hs: &HardState) {
-        let only_commit = hs.term == self.hard_state.term && hs.vote == self.hard_state.vote;
-        if !(only_commit && batch.is_empty()) {
+        if hs.term != self.hard_state.term || hs.vote != self.hard_state.vote {
             batch.put_cf(self.store.cf(CF_RAFT), KEY_HARD_STATE, hs.encode_to_vec());
         }
         self.hard_state = hs.clone();
+    }
+
+    /// The commit index moved: kept in memory only (see `set_hard_state`).
+    pub fn commit_to(&mut self, commit: u64) {
+        self.hard_state.commit = commit;
     }
 
     pub fn set_conf_state(&mut self, batch: &mut WriteBatch, cs: &ConfState) {
@@ -475,6 +478,16 @@ mod tests {
         }
     }
 
+    /// A bootstrapped log in a new store (the directory lives as long as
+    /// the returned guard).
+    fn new_log() -> (tempfile::TempDir, Store, RaftLog) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db"), true).unwrap();
+        RaftLog::bootstrap(&store, 1).unwrap();
+        let log = RaftLog::open(store.clone()).unwrap();
+        (dir, store, log)
+    }
+
     fn append(log: &mut RaftLog, entries: &[Entry]) {
         let mut batch = WriteBatch::default();
         log.append(&mut batch, entries);
@@ -483,10 +496,7 @@ mod tests {
 
     #[test]
     fn the_log_counts_its_bytes_through_appends_conflicts_and_compactions() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db"), true).unwrap();
-        RaftLog::bootstrap(&store, 1).unwrap();
-        let mut log = RaftLog::open(store).unwrap();
+        let (_dir, _store, mut log) = new_log();
         append(
             &mut log,
             &(2..=5).map(|i| entry(i, 100)).collect::<Vec<_>>(),
@@ -507,10 +517,7 @@ mod tests {
 
     #[test]
     fn a_commit_index_not_written_comes_back_as_the_applied_index() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db"), true).unwrap();
-        RaftLog::bootstrap(&store, 1).unwrap();
-        let mut log = RaftLog::open(store.clone()).unwrap();
+        let (_dir, store, mut log) = new_log();
         append(&mut log, &(2..=5).map(|i| entry(i, 10)).collect::<Vec<_>>());
         let mut hs = log.hard_state().clone();
         hs.commit = 5;
@@ -536,10 +543,7 @@ mod tests {
     #[test]
     fn the_tail_in_memory_answers_as_the_store_does() {
         use raft::Storage;
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db"), true).unwrap();
-        RaftLog::bootstrap(&store, 1).unwrap();
-        let mut log = RaftLog::open(store.clone()).unwrap();
+        let (_dir, store, mut log) = new_log();
         let big = (TAIL_BYTES / 4) as usize;
         append(
             &mut log,

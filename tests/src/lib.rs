@@ -444,6 +444,14 @@ impl Node {
     }
 }
 
+/// `len` bytes that neither compress nor share chunks with other seeds'.
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    use rand::{RngCore, SeedableRng};
+    let mut bytes = vec![0u8; len];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut bytes);
+    bytes
+}
+
 /// Writes `data` to a new file (or over one) and closes it, with close()'s
 /// error: wpfs commits at close, and `fs::write` drops the file, and the
 /// error of its close with it.

@@ -14,7 +14,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use wpfs_tests::{
-    copy_tree, diff_clean, fuse_available, s, tree, wait_until, wpfs, wpfs_ok, write_file, Cluster,
+    copy_tree, diff_clean, fuse_available, noise, s, tree, wait_until, wpfs, wpfs_ok, write_file,
+    Cluster,
 };
 
 const CONVERGE: Duration = Duration::from_secs(20);
@@ -336,9 +337,7 @@ fn a_closed_file_survives_its_writer_dying_at_once() {
         return;
     }
     let cluster = Cluster::start(3);
-    let data: Vec<u8> = (0..3_000_000u32)
-        .map(|x| (x.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
+    let data = noise(1, 3_000_000);
     write_file(cluster.node(1).path("upload.bin"), &data).unwrap();
     // close() returned: the contents are on a second node already, so the
     // writer may die before any background replication ran.
@@ -432,9 +431,7 @@ fn a_file_deleted_elsewhere_while_open_here_never_reads_as_other_bytes() {
     }
     use std::io::{Read, Seek, SeekFrom};
     let cluster = Cluster::start(3);
-    let data: Vec<u8> = (0..3_000_000u32)
-        .map(|x| (x.wrapping_mul(2_654_435_761) >> 11) as u8)
-        .collect();
+    let data = noise(2, 3_000_000);
     write_file(cluster.node(1).path("image.jpg"), &data).unwrap();
     let here = cluster.node(2).path("image.jpg");
     wait_for_bytes(&here, &data);

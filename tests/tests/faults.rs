@@ -26,7 +26,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use wpfs_tests::{close, daemon_of, fuse_available, tree, wait_until, write_file, Cluster, Node};
+use wpfs_tests::{
+    close, daemon_of, fuse_available, noise, tree, wait_until, write_file, Cluster, Node,
+};
 
 /// The mount's default `write_timeout`.
 const WRITE_DEADLINE: Duration = Duration::from_secs(5);
@@ -729,14 +731,6 @@ fn free_bytes(path: &std::path::Path) -> u64 {
     // SAFETY: NUL-terminated path, valid out-pointer.
     assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
     st.f_bavail as u64 * st.f_frsize as u64
-}
-
-/// `len` bytes that neither compress nor share chunks with other seeds'.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    use rand::{RngCore, SeedableRng};
-    let mut bytes = vec![0u8; len];
-    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut bytes);
-    bytes
 }
 
 /// Files of small contents that make the namespace big enough for its

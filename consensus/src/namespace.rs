@@ -385,17 +385,19 @@ impl Namespace {
     /// had in fact kept it) changes nothing the second time; its outcome
     /// is `None` and nobody waits for it.
     pub fn apply(&self, index: u64, term: u64, cmd: &Command) -> Result<Option<Outcome>> {
-        self.apply_with(index, term, cmd, |_, _| {})
+        self.apply_with(index, term, cmd, |_, _, _| {})
     }
 
     /// `apply`, with `also` adding to the command's write what the node
-    /// stores along with it (one write instead of two).
+    /// stores along with it (one write instead of two). It is called before
+    /// that write, with the inodes the command frees: until then the store
+    /// still holds them.
     pub fn apply_with(
         &self,
         index: u64,
         term: u64,
         cmd: &Command,
-        also: impl FnOnce(&Outcome, &mut WriteBatch),
+        also: impl FnOnce(&Outcome, &[u64], &mut WriteBatch),
     ) -> Result<Option<Outcome>> {
         // The proposer's recent request ids, sorted; those below its oldest
         // waiting one cannot come again and are forgotten. One small value
@@ -448,12 +450,17 @@ impl Namespace {
             Err(other) => return Err(other),
         };
         // A failed command still consumes its log entry.
+        let freed = if txn.ok {
+            std::mem::take(&mut txn.freed)
+        } else {
+            Vec::new()
+        };
         let mut batch = txn.batch_or_empty();
         let cf = self.store.cf(CF_META);
         batch.put_cf(cf, KEY_APPLIED, applied_value(index, term));
         let value: Vec<u8> = seen.iter().flat_map(|id| be(*id)).collect();
         batch.put_cf(cf, &seen_key, value);
-        also(&outcome, &mut batch);
+        also(&outcome, &freed, &mut batch);
         self.store.db().write(batch)?;
         Ok(Some(outcome))
     }

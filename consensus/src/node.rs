@@ -92,8 +92,9 @@ const SNAPSHOT_STALL: Duration = Duration::from_secs(15);
 /// (`Node::submit`): implementations hand work off and return.
 pub trait ApplyObserver: Send + Sync {
     /// Before the command's changes are written: what this node stores
-    /// because of it goes into `batch`, written with them.
-    fn storing(&self, cmd: &Command, outcome: &Outcome, batch: &mut WriteBatch);
+    /// because of it goes into `batch`, written with them. `freed` are the
+    /// inodes it deletes, still readable in the store until then.
+    fn storing(&self, cmd: &Command, outcome: &Outcome, freed: &[u64], batch: &mut WriteBatch);
     /// After they are written.
     fn applied(&self, cmd: &Command, outcome: &Outcome);
     /// The whole namespace was replaced by a snapshot.
@@ -992,9 +993,9 @@ impl Driver {
             }
         };
         let observer = self.shared.observer.lock().clone();
-        let also = |outcome: &Outcome, batch: &mut WriteBatch| {
+        let also = |outcome: &Outcome, freed: &[u64], batch: &mut WriteBatch| {
             if let Some(o) = &observer {
-                o.storing(&cmd, outcome, batch);
+                o.storing(&cmd, outcome, freed, batch);
             }
         };
         let Some(outcome) = self

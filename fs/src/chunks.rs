@@ -82,11 +82,16 @@ impl Pinned {
         }
     }
 
+    /// Pins a chunk already referenced here, whether stored yet or not.
+    pub fn hold(&mut self, hash: Hash) {
+        *self.chunks.pins.lock().entry(hash).or_default() += 1;
+        self.hashes.push(hash);
+    }
+
     /// Stores `data` (if no chunk with its hash exists) and pins it.
     pub fn put(&mut self, data: &[u8]) -> Result<Hash> {
         let hash: Hash = *blake3::hash(data).as_bytes();
-        *self.chunks.pins.lock().entry(hash).or_default() += 1;
-        self.hashes.push(hash);
+        self.hold(hash);
         let store = &self.chunks.store;
         let exists = store
             .db()

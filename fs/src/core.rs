@@ -29,7 +29,7 @@ use wpfs_proto::{self as proto, FileKind, Inode, Op, Outcome};
 
 use crate::chunks::ChunkStore;
 use crate::error::{err, Errno, Result};
-use crate::file::{read_range, Contents, FileState};
+use crate::file::{read_range, Contents, FileState, Kept};
 use crate::replication::Replicator;
 
 /// Inode numbers reserved at a time for files created without waiting.
@@ -106,6 +106,10 @@ struct OpenFile {
     /// A name of it was removed while open: the last close checks whether
     /// it is an orphan to reap (every other close skips that read).
     may_be_orphan: bool,
+    /// Another node deleted it meanwhile: what it was, for the handles
+    /// here to read until they close. Here and not in `state`, whose lock
+    /// a commit holds while it waits for the Raft apply that sets this.
+    kept: Option<Arc<Kept>>,
 }
 
 /// A file created here that is not in the namespace yet (its handles are
@@ -263,6 +267,7 @@ impl FsCore {
             Some(inode) => inode,
             None => (self.unborn.lock().get(&ino))
                 .map(|u| u.inode.clone())
+                .or_else(|| self.kept(ino).map(|k| k.inode.clone()))
                 .ok_or(Errno(libc::ENOENT))?,
         };
         self.overlay(&mut inode);
@@ -290,15 +295,29 @@ impl FsCore {
     }
 
     pub fn read(&self, ino: u64, offset: u64, len: u32) -> Result<Vec<u8>> {
-        if let Some(state) = self.state_if_open(ino) {
-            return state.lock().read(&self.contents, offset, len as u64);
+        let open = self
+            .open
+            .lock()
+            .get(&ino)
+            .map(|o| (o.state.clone(), o.kept.clone()));
+        if let Some((state, kept)) = open {
+            let state = state.lock();
+            return state.read(&self.contents, offset, len as u64, kept.as_deref());
         }
         // Not open here, so there are no uncommitted writes to overlay.
         let inode = self.namespace().inode(ino)?.ok_or(Errno(libc::ENOENT))?;
         if is_kind(&inode, FileKind::Directory) {
             return err(libc::EISDIR);
         }
-        read_range(&self.contents, ino, inode.size, offset, len as u64, None)
+        read_range(
+            &self.contents,
+            ino,
+            inode.size,
+            offset,
+            len as u64,
+            None,
+            None,
+        )
     }
 
     /// Lists directory `ino` from `offset` (0, or an offset it returned
@@ -442,6 +461,7 @@ impl FsCore {
                 handles: 1,
                 state: Arc::new(Mutex::new(state)),
                 may_be_orphan: false,
+                kept: None,
             },
         );
         let unborn = Unborn {
@@ -613,6 +633,29 @@ impl FsCore {
         self.open.lock().get(&ino).map(|o| o.state.clone())
     }
 
+    fn kept(&self, ino: u64) -> Option<Arc<Kept>> {
+        self.open.lock().get(&ino).and_then(|o| o.kept.clone())
+    }
+
+    /// File `ino` is about to be deleted from the store by a command being
+    /// applied (called by the Raft driver before the command's write): if
+    /// it is open here, its handles keep reading what it was until they
+    /// close, as on a local filesystem.
+    pub fn deleting(&self, ino: u64) {
+        if !self.open.lock().contains_key(&ino) {
+            return;
+        }
+        match Kept::take(&self.contents, ino) {
+            Ok(Some(kept)) => {
+                if let Some(open) = self.open.lock().get_mut(&ino) {
+                    open.kept = Some(Arc::new(kept));
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!("inode {ino}, deleted while open here: {e:?}"),
+        }
+    }
+
     /// Registers a handle on `ino` and returns its number.
     pub fn open(&self, ino: u64) -> Result<u64> {
         self.register(ino, 1)?;
@@ -633,6 +676,7 @@ impl FsCore {
             handles: 0,
             state: Arc::new(Mutex::new(FileState::new(&inode))),
             may_be_orphan: false,
+            kept: None,
         });
         entry.handles += handles;
         Ok(entry.state.clone())
@@ -705,7 +749,11 @@ impl FsCore {
     }
 
     fn commit(&self, state: &mut FileState, durable: bool) -> Result<()> {
-        if !state.is_dirty() {
+        // A file deleted elsewhere keeps what is written to it here for its
+        // handles, and loses it with the last one, as an unlinked file does.
+        let ino = state.ino();
+        let deleted_elsewhere = || self.kept(ino).is_some();
+        if !state.is_dirty() || deleted_elsewhere() {
             return Ok(());
         }
         let replicator = self.replicator.get();
@@ -728,7 +776,11 @@ impl FsCore {
                 self.propose(Op::SetContent(update), durable)
             }),
             None => self.propose(Op::SetContent(update), durable),
-        }?;
+        };
+        let outcome = match outcome {
+            Err(Errno(libc::ENOENT)) if deleted_elsewhere() => return Ok(()),
+            outcome => outcome?,
+        };
         let inode = outcome.inode.ok_or(Errno(libc::EIO))?;
         state.committed(&inode);
         if let Some(ino) = born {
@@ -751,6 +803,9 @@ impl FsCore {
             }
         };
         let Some(last) = last else { return Ok(()) };
+        if last.kept.is_some() {
+            return Ok(()); // deleted elsewhere: its writes here go with it
+        }
         let mut state = last.state.lock();
         let result = self.commit(&mut state, false);
         if let (Err(_), Some(create)) = (&result, state.birth()) {
@@ -802,5 +857,72 @@ impl FsCore {
             }
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel_refs::KernelRefs;
+    use crate::remote::RemoteChanges;
+    use wpfs_consensus::{NodeConfig, ROOT_INO};
+
+    /// A one-node core over a fresh store, with the observer a mount has.
+    fn one_node(dir: &std::path::Path) -> Arc<FsCore> {
+        let db = dir.join("db");
+        wpfs_consensus::bootstrap(&db, 1, "127.0.0.1:1", now_ns(), 0, 0).unwrap();
+        let store = Store::open(&db, false).unwrap();
+        let node = Arc::new(Node::start(NodeConfig::new(1), store.clone(), None).unwrap());
+        assert!(node.wait_for_leader(Duration::from_secs(10)));
+        let opts = CoreOptions {
+            write_timeout: Duration::from_secs(10),
+            read_only: false,
+            min_free: 0,
+        };
+        let core = FsCore::new(node.clone(), store, opts);
+        let refs = Arc::new(KernelRefs::default());
+        node.set_observer(RemoteChanges::new(1, refs, None, &core));
+        core
+    }
+
+    #[test]
+    fn a_file_deleted_elsewhere_is_kept_for_its_handles_then_collected() {
+        let dir = tempfile::tempdir().unwrap();
+        let core = one_node(dir.path());
+        let caller = Caller { uid: 0, gid: 0 };
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let (inode, _) = core
+            .create_file(ROOT_INO, b"a", 0o644, false, caller)
+            .unwrap();
+        let ino = inode.ino;
+        core.write(ino, 0, &data).unwrap();
+        core.release(ino).unwrap();
+        core.open(ino).unwrap();
+        // What another node proposes: it does not know of the handle here.
+        let unlink = proto::Unlink {
+            parent: ROOT_INO,
+            name: b"a".to_vec(),
+            directory: false,
+            keep_if_open: false,
+        };
+        core.propose(Op::Unlink(unlink), false).unwrap();
+        assert_eq!(core.namespace().inode(ino).unwrap(), None);
+
+        assert_eq!(core.read(ino, 0, data.len() as u32).unwrap(), data);
+        let attrs = core.getattr(ino).unwrap();
+        assert_eq!((attrs.size, attrs.nlink), (data.len() as u64, 0));
+        core.write(ino, 0, b"scratch").unwrap();
+        core.flush(ino, false).unwrap();
+        assert_eq!(core.read(ino, 0, 7).unwrap(), b"scratch");
+        assert_eq!(core.collect_garbage().unwrap(), 0, "chunks of an open file");
+
+        core.release(ino).unwrap();
+        let chunks = data.len().div_ceil(wpfs_consensus::CHUNK_SIZE as usize);
+        assert_eq!(
+            core.collect_garbage().unwrap(),
+            chunks,
+            "chunks once closed"
+        );
+        assert_eq!(core.getattr(ino).unwrap_err(), Errno(libc::ENOENT));
     }
 }

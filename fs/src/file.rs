@@ -39,6 +39,37 @@ pub struct Contents {
     pub chunks: Arc<ChunkStore>,
 }
 
+/// A file deleted on another node while it is open here: its inode and
+/// committed slots as they were just before, their chunks pinned against
+/// collection until the last handle here closes. POSIX keeps an unlinked
+/// file readable for whoever has it open; so does every node.
+pub struct Kept {
+    pub inode: Inode,
+    slots: Vec<ChunkRef>,
+    _pins: Pinned,
+}
+
+impl Kept {
+    /// Keeps file `ino` as the store holds it now; `None` if it does not.
+    pub fn take(contents: &Contents, ino: u64) -> Result<Option<Kept>> {
+        let Some(inode) = contents.namespace.inode(ino)? else {
+            return Ok(None);
+        };
+        let slots = contents.namespace.chunk_slots(ino, 0, u64::MAX, None)?;
+        let mut pins = Pinned::new(contents.chunks.clone());
+        for slot in &slots {
+            if let Ok(hash) = Hash::try_from(&slot.hash[..]) {
+                pins.hold(hash);
+            }
+        }
+        Ok(Some(Kept {
+            inode: Inode { nlink: 0, ..inode },
+            slots,
+            _pins: pins,
+        }))
+    }
+}
+
 pub struct FileState {
     ino: u64,
     /// The size including uncommitted writes.
@@ -81,6 +112,10 @@ impl FileState {
             birth: Some(create),
             ..FileState::new(inode)
         }
+    }
+
+    pub fn ino(&self) -> u64 {
+        self.ino
     }
 
     pub fn is_dirty(&self) -> bool {
@@ -275,20 +310,30 @@ impl FileState {
     }
 
     /// Reads `[offset, offset+len)` of the file as this node sees it: the
-    /// uncommitted writes over the committed contents.
-    pub fn read(&self, contents: &Contents, offset: u64, len: u64) -> Result<Vec<u8>> {
-        read_range(contents, self.ino, self.size, offset, len, Some(self))
+    /// uncommitted writes over the committed contents (or over what was
+    /// `kept` of it, if it was deleted elsewhere).
+    pub fn read(
+        &self,
+        contents: &Contents,
+        offset: u64,
+        len: u64,
+        kept: Option<&Kept>,
+    ) -> Result<Vec<u8>> {
+        read_range(contents, self.ino, self.size, offset, len, Some(self), kept)
     }
 }
 
 /// Reads a byte range of file `ino` of `size` bytes, with the uncommitted
-/// writes of `state` (if any) over the committed slots. Holes and bytes
-/// past a chunk's end read as zeros.
+/// writes of `state` (if any) over the committed slots: the namespace's,
+/// or those `kept` of a file deleted elsewhere. Holes and bytes past a
+/// chunk's end read as zeros.
 ///
 /// A committed file deleted by another node has no slots any more: every
 /// chunk of it reads as a hole. Zeros would be wrong bytes, so a read that
 /// found a hole checks that the file still exists, and fails with ESTALE
 /// (as NFS does for a file removed under an open handle) if it does not.
+/// A file open here when it was deleted is `kept` instead; a handle opened
+/// by a racing lookup, or a snapshot that replaced everything, is not.
 pub fn read_range(
     contents: &Contents,
     ino: u64,
@@ -296,6 +341,7 @@ pub fn read_range(
     offset: u64,
     len: u64,
     state: Option<&FileState>,
+    kept: Option<&Kept>,
 ) -> Result<Vec<u8>> {
     if offset >= size || len == 0 {
         return Ok(Vec::new());
@@ -303,11 +349,17 @@ pub fn read_range(
     let end = size.min(offset.saturating_add(len));
     let (first, last) = (offset / CHUNK_SIZE, (end - 1) / CHUNK_SIZE);
     // One snapshot for slots and chunks: a concurrent commit cannot pull a
-    // chunk away between the two reads.
+    // chunk away between the two reads. Kept chunks are pinned instead.
     let snapshot = contents.namespace.store().db().snapshot();
-    let committed = contents
-        .namespace
-        .chunk_slots(ino, first, last, Some(&snapshot))?;
+    let committed = match kept {
+        Some(k) => (k.slots.iter())
+            .filter(|s| (first..=last).contains(&s.index))
+            .cloned()
+            .collect(),
+        None => contents
+            .namespace
+            .chunk_slots(ino, first, last, Some(&snapshot))?,
+    };
     let mut committed = committed.into_iter().peekable();
     let mut out = vec![0u8; (end - offset) as usize];
     let mut hole = false;
@@ -343,7 +395,7 @@ pub fn read_range(
         }
     }
     let unborn = state.is_some_and(|s| s.birth().is_some());
-    if hole && !unborn && contents.namespace.inode(ino)?.is_none() {
+    if hole && !unborn && kept.is_none() && contents.namespace.inode(ino)?.is_none() {
         return Err(Errno(libc::ESTALE));
     }
     Ok(out)

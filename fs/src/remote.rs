@@ -15,6 +15,10 @@
 //! deliver its answer (say, "no such name", cached for the TTL) after the
 //! first invalidation; the kernel has no version check for names.
 //!
+//! A file deleted while open here (by any node: a local unlink that raced
+//! the open) is kept for its handles (`FsCore::deleting`), from the store
+//! as it was just before the deletion's write.
+//!
 //! Only what the kernel can hold is invalidated (`kernel_refs`), checked
 //! when the change is applied and again at each send. Nothing is queued
 //! for a directory the kernel does not hold: a lookup in it needs the
@@ -28,7 +32,7 @@
 //! waking up for each was a fifth of this node's thread switches.
 
 use std::collections::{HashSet, VecDeque};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use rocksdb::WriteBatch;
@@ -36,6 +40,7 @@ use wpfs_consensus::mailbox::{self, RecvError, Sender};
 use wpfs_consensus::ApplyObserver;
 use wpfs_proto::{Command, Op, Outcome};
 
+use crate::core::FsCore;
 use crate::kernel_refs::KernelRefs;
 use crate::replication::Replicator;
 
@@ -59,6 +64,8 @@ pub struct RemoteChanges {
     refs: Arc<KernelRefs>,
     notifier: Arc<OnceLock<fuser::Notifier>>,
     replicator: Option<Arc<Replicator>>,
+    /// Weak: the core holds the Raft node, which holds this observer.
+    core: Weak<FsCore>,
 }
 
 impl RemoteChanges {
@@ -66,6 +73,7 @@ impl RemoteChanges {
         node_id: u64,
         refs: Arc<KernelRefs>,
         replicator: Option<Arc<Replicator>>,
+        core: &Arc<FsCore>,
     ) -> Arc<RemoteChanges> {
         let (tx, rx) = mailbox::unbounded::<Invalidation>();
         let notifier: Arc<OnceLock<fuser::Notifier>> = Arc::new(OnceLock::new());
@@ -123,6 +131,7 @@ impl RemoteChanges {
             refs,
             notifier,
             replicator,
+            core: Arc::downgrade(core),
         })
     }
 
@@ -148,7 +157,12 @@ impl RemoteChanges {
 }
 
 impl ApplyObserver for RemoteChanges {
-    fn storing(&self, cmd: &Command, outcome: &Outcome, batch: &mut WriteBatch) {
+    fn storing(&self, cmd: &Command, outcome: &Outcome, freed: &[u64], batch: &mut WriteBatch) {
+        if let Some(core) = self.core.upgrade() {
+            for ino in freed {
+                core.deleting(*ino);
+            }
+        }
         if let (Some(Op::SetContent(s)), Some(r)) = (&cmd.op, &self.replicator) {
             if outcome.errno == 0 && cmd.node_id != self.node_id {
                 r.received(s, cmd.node_id, batch);

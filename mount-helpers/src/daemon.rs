@@ -326,7 +326,12 @@ fn run(req: &MountRequest, config: &NodeConfig, reporter: &mut Reporter) -> Resu
     );
     core.set_replicator(replicator.clone(), !config.witness);
     let refs = Arc::new(KernelRefs::default());
-    let remote = RemoteChanges::new(config.node_id, refs.clone(), Some(replicator.clone()));
+    let remote = RemoteChanges::new(
+        config.node_id,
+        refs.clone(),
+        Some(replicator.clone()),
+        &core,
+    );
     node.set_observer(remote.clone());
     {
         let r = replicator.clone();

@@ -558,14 +558,17 @@ impl<'a> Txn<'a> {
         self.ns.store.cf(CF_META)
     }
 
+    /// Inode `ino`. A number that no longer exists came from a node whose
+    /// kernel had not yet heard of the deletion: ESTALE, so that a path
+    /// syscall behind it looks its path up again (see `FsCore::getattr`).
     fn inode(&self, ino: u64) -> Result<Inode> {
         if self.freed.contains(&ino) {
-            return errno(libc::ENOENT);
+            return errno(libc::ESTALE);
         }
         if let Some(i) = self.inodes.get(&ino) {
             return Ok(i.clone());
         }
-        self.ns.inode(ino)?.ok_or(Error::Errno(libc::ENOENT))
+        self.ns.inode(ino)?.ok_or(Error::Errno(libc::ESTALE))
     }
 
     fn dir(&self, ino: u64) -> Result<Inode> {

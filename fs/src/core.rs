@@ -126,6 +126,9 @@ pub struct FsCore {
     replicator: std::sync::OnceLock<Arc<Replicator>>,
     contents: Contents,
     open: Mutex<HashMap<u64, OpenFile>>,
+    /// Inodes a command being applied deletes (see `deleting`); locked
+    /// under `open`.
+    deleting: Mutex<Vec<u64>>,
     unborn: Mutex<HashMap<u64, Unborn>>,
     /// Inode numbers reserved for `create_file`, not used yet.
     reserved: Mutex<std::ops::Range<u64>>,
@@ -160,6 +163,7 @@ impl FsCore {
             replicator: std::sync::OnceLock::new(),
             contents: Contents { namespace, chunks },
             open: Mutex::new(HashMap::new()),
+            deleting: Mutex::new(Vec::new()),
             unborn: Mutex::new(HashMap::new()),
             reserved: Mutex::new(0..0),
             next_fh: AtomicU64::new(1),
@@ -256,19 +260,27 @@ impl FsCore {
         check_name(name)?;
         match self.ino_named(parent, name)? {
             Some(ino) => Ok(Some(self.getattr(ino)?)),
+            None if self.namespace().inode(parent)?.is_none() => err(libc::ESTALE),
             None => Ok(None),
         }
     }
 
     /// The inode as this node sees it: with its open files' unwritten
     /// sizes, and the files created here that are not proposed yet.
+    ///
+    /// The kernel asks by number, for numbers it was given. One that no
+    /// longer exists was deleted by another node, and the kernel's entry
+    /// for its name is about to be invalidated (`remote`): ESTALE, on this
+    /// and every other request by number, makes the kernel look the path
+    /// up again once (as for NFS), so a stat or open of a file replaced
+    /// elsewhere by rename finds the new file, not ENOENT.
     pub fn getattr(&self, ino: u64) -> Result<Inode> {
         let mut inode = match self.namespace().inode(ino)? {
             Some(inode) => inode,
             None => (self.unborn.lock().get(&ino))
                 .map(|u| u.inode.clone())
                 .or_else(|| self.kept(ino).map(|k| k.inode.clone()))
-                .ok_or(Errno(libc::ENOENT))?,
+                .ok_or(Errno(libc::ESTALE))?,
         };
         self.overlay(&mut inode);
         Ok(inode)
@@ -305,7 +317,7 @@ impl FsCore {
             return state.read(&self.contents, offset, len as u64, kept.as_deref());
         }
         // Not open here, so there are no uncommitted writes to overlay.
-        let inode = self.namespace().inode(ino)?.ok_or(Errno(libc::ENOENT))?;
+        let inode = self.namespace().inode(ino)?.ok_or(Errno(libc::ESTALE))?;
         if is_kind(&inode, FileKind::Directory) {
             return err(libc::EISDIR);
         }
@@ -435,7 +447,7 @@ impl FsCore {
             let inode = self.create(parent, name, NewNode::File { mode, exclusive }, caller)?;
             return Ok((inode.clone(), self.open(inode.ino)?));
         }
-        let dir = self.namespace().inode(parent)?.ok_or(Errno(libc::ENOENT))?;
+        let dir = self.namespace().inode(parent)?.ok_or(Errno(libc::ESTALE))?;
         if !is_kind(&dir, FileKind::Directory) {
             return err(libc::ENOTDIR);
         }
@@ -637,23 +649,29 @@ impl FsCore {
         self.open.lock().get(&ino).and_then(|o| o.kept.clone())
     }
 
-    /// File `ino` is about to be deleted from the store by a command being
-    /// applied (called by the Raft driver before the command's write): if
-    /// it is open here, its handles keep reading what it was until they
-    /// close, as on a local filesystem.
-    pub fn deleting(&self, ino: u64) {
-        if !self.open.lock().contains_key(&ino) {
-            return;
-        }
-        match Kept::take(&self.contents, ino) {
-            Ok(Some(kept)) => {
-                if let Some(open) = self.open.lock().get_mut(&ino) {
-                    open.kept = Some(Arc::new(kept));
-                }
+    /// Files `inos` are about to be deleted from the store by a command
+    /// being applied (called by the Raft driver before the command's
+    /// write): those open here keep, for their handles, what they were
+    /// until the last one closes, as on a local filesystem. The others
+    /// cannot be opened until `deleted`: an open that read the inode just
+    /// before the write would miss being kept.
+    pub fn deleting(&self, inos: &[u64]) {
+        let mut open = self.open.lock();
+        for &ino in inos {
+            let Some(file) = open.get_mut(&ino) else {
+                self.deleting.lock().push(ino);
+                continue;
+            };
+            match Kept::take(&self.contents, ino) {
+                Ok(kept) => file.kept = kept.map(Arc::new),
+                Err(e) => tracing::warn!("inode {ino}, deleted while open here: {e:?}"),
             }
-            Ok(None) => {}
-            Err(e) => tracing::warn!("inode {ino}, deleted while open here: {e:?}"),
         }
+    }
+
+    /// The command that `deleting` was told of is written.
+    pub fn deleted(&self) {
+        self.deleting.lock().clear();
     }
 
     /// Registers a handle on `ino` and returns its number.
@@ -670,8 +688,11 @@ impl FsCore {
             entry.handles += handles;
             return Ok(entry.state.clone());
         }
-        let inode = self.namespace().inode(ino)?.ok_or(Errno(libc::ENOENT))?;
         let mut open = self.open.lock();
+        if self.deleting.lock().contains(&ino) {
+            return err(libc::ESTALE);
+        }
+        let inode = self.namespace().inode(ino)?.ok_or(Errno(libc::ESTALE))?;
         let entry = open.entry(ino).or_insert_with(|| OpenFile {
             handles: 0,
             state: Arc::new(Mutex::new(FileState::new(&inode))),
@@ -778,7 +799,7 @@ impl FsCore {
             None => self.propose(Op::SetContent(update), durable),
         };
         let outcome = match outcome {
-            Err(Errno(libc::ENOENT)) if deleted_elsewhere() => return Ok(()),
+            Err(Errno(libc::ESTALE)) if deleted_elsewhere() => return Ok(()),
             outcome => outcome?,
         };
         let inode = outcome.inode.ok_or(Errno(libc::EIO))?;
@@ -923,6 +944,6 @@ mod tests {
             chunks,
             "chunks once closed"
         );
-        assert_eq!(core.getattr(ino).unwrap_err(), Errno(libc::ENOENT));
+        assert_eq!(core.getattr(ino).unwrap_err(), Errno(libc::ESTALE));
     }
 }

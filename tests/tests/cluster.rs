@@ -491,3 +491,55 @@ fn a_file_deleted_or_replaced_elsewhere_stays_readable_where_it_is_open() {
         assert_eq!((meta.len(), meta.nlink()), (data.len() as u64, 0), "fstat");
     }
 }
+
+#[test]
+fn a_file_replaced_by_rename_elsewhere_never_goes_missing_here() {
+    if !fuse_available() {
+        return;
+    }
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // An update on node 1 replaces style.css again and again (a new file
+    // renamed over it); a web server on node 2 keeps opening and reading
+    // it. The name exists at every moment, so node 2 must never be told
+    // otherwise, and every read is one whole version.
+    let cluster = Cluster::start(3);
+    let version = |i: u32| format!("v{i};").repeat(1000).into_bytes();
+    write_file(cluster.node(1).path("style.css"), version(0)).unwrap();
+    let here = cluster.node(2).path("style.css");
+    wait_for_bytes(&here, &version(0));
+    let done = AtomicBool::new(false);
+    let (mut reads, mut stale) = (0, 0);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for i in 1..=300 {
+                let tmp = cluster.node(1).path("style.css.new");
+                write_file(&tmp, version(i)).unwrap();
+                fs::rename(&tmp, cluster.node(1).path("style.css")).unwrap();
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            done.store(true, Ordering::Relaxed);
+        });
+        while !done.load(Ordering::Relaxed) {
+            match fs::read(&here) {
+                Ok(b) => {
+                    let i: u32 = (b.get(1..b.iter().position(|c| *c == b';').unwrap_or(1)))
+                        .and_then(|n| std::str::from_utf8(n).ok()?.parse().ok())
+                        .unwrap_or_else(|| panic!("read {} bytes of no version", b.len()));
+                    assert!(
+                        b == version(i),
+                        "read {} bytes, not all of version {i}",
+                        b.len()
+                    );
+                    reads += 1;
+                }
+                // The kernel looks the name up again after a stale answer,
+                // once; a second replacement within that retry leaves the
+                // error to the reader (as on NFS).
+                Err(e) if e.raw_os_error() == Some(libc::ESTALE) => stale += 1,
+                Err(e) => panic!("{}: {e} (after {reads} whole reads)", here.display()),
+            }
+        }
+    });
+    println!("{reads} whole reads, {stale} ESTALE");
+    assert!(stale * 20 < reads, "{stale} ESTALE against {reads} reads");
+}

@@ -280,10 +280,23 @@ impl FsCore {
             None => (self.unborn.lock().get(&ino))
                 .map(|u| u.inode.clone())
                 .or_else(|| self.kept(ino).map(|k| k.inode.clone()))
+                .or_else(|| self.born_elsewhere(ino))
                 .ok_or(Errno(libc::ESTALE))?,
         };
         self.overlay(&mut inode);
         Ok(inode)
+    }
+
+    /// A file created here whose name another node made first: its open
+    /// handles write to that node's file (`FileState::committed`), and
+    /// show its attributes under the number the kernel knows.
+    fn born_elsewhere(&self, ino: u64) -> Option<Inode> {
+        let target = self.state_if_open(ino)?.lock().ino();
+        if target == ino {
+            return None;
+        }
+        let inode = self.namespace().inode(target).ok()??;
+        Some(Inode { ino, ..inode })
     }
 
     fn overlay(&self, inode: &mut Inode) {

@@ -543,3 +543,34 @@ fn a_file_replaced_by_rename_elsewhere_never_goes_missing_here() {
     println!("{reads} whole reads, {stale} ESTALE");
     assert!(stale * 20 < reads, "{stale} ESTALE against {reads} reads");
 }
+
+#[test]
+fn a_file_created_on_two_nodes_at_once_stays_usable_through_the_later_handle() {
+    if !fuse_available() {
+        return;
+    }
+    use std::io::Write;
+    // Two web nodes write the same new cache file at the same moment
+    // (open without O_EXCL). Node 1 commits first; node 2's contents then
+    // replace that file whole, and its handle keeps working meanwhile.
+    let cluster = Cluster::start(3);
+    let mut later = fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(cluster.node(2).path("cache.html"))
+        .unwrap();
+    write_file(cluster.node(1).path("cache.html"), b"from node 1").unwrap();
+    wait_for_bytes(&cluster.node(2).path("cache.html"), b"from node 1");
+    later.write_all(b"from node 2, later").unwrap();
+    later.sync_all().unwrap();
+    let meta = later.metadata().expect("fstat of the later handle");
+    assert_eq!(meta.len(), 18);
+    drop(later);
+    for n in [1, 2, 3] {
+        let path = cluster.node(n).path("cache.html");
+        wait_until(CONVERGE, "every node to read node 2's version", || {
+            fs::read(&path).is_ok_and(|b| b == b"from node 2, later")
+        });
+    }
+}

@@ -126,8 +126,8 @@ pub struct FsCore {
     replicator: std::sync::OnceLock<Arc<Replicator>>,
     contents: Contents,
     open: Mutex<HashMap<u64, OpenFile>>,
-    /// Inodes a command being applied deletes (see `deleting`); locked
-    /// under `open`.
+    /// The inodes not open here that the latest deleting command deletes
+    /// (see `deleting`); locked under `open`.
     deleting: Mutex<Vec<u64>>,
     unborn: Mutex<HashMap<u64, Unborn>>,
     /// Inode numbers reserved for `create_file`, not used yet.
@@ -666,13 +666,16 @@ impl FsCore {
     /// being applied (called by the Raft driver before the command's
     /// write): those open here keep, for their handles, what they were
     /// until the last one closes, as on a local filesystem. The others
-    /// cannot be opened until `deleted`: an open that read the inode just
-    /// before the write would miss being kept.
+    /// can no longer be opened: an open that read the inode just before
+    /// the write would miss being kept. Their marks stay until the next
+    /// such command; after the write they only repeat what the store says,
+    /// as inode numbers are never reused.
     pub fn deleting(&self, inos: &[u64]) {
         let mut open = self.open.lock();
+        let mut not_open = Vec::new();
         for &ino in inos {
             let Some(file) = open.get_mut(&ino) else {
-                self.deleting.lock().push(ino);
+                not_open.push(ino);
                 continue;
             };
             match Kept::take(&self.contents, ino) {
@@ -680,11 +683,7 @@ impl FsCore {
                 Err(e) => tracing::warn!("inode {ino}, deleted while open here: {e:?}"),
             }
         }
-    }
-
-    /// The command that `deleting` was told of is written.
-    pub fn deleted(&self) {
-        self.deleting.lock().clear();
+        *self.deleting.lock() = not_open;
     }
 
     /// Registers a handle on `ino` and returns its number.
@@ -784,7 +783,8 @@ impl FsCore {
 
     fn commit(&self, state: &mut FileState, durable: bool) -> Result<()> {
         // A file deleted elsewhere keeps what is written to it here for its
-        // handles, and loses it with the last one, as an unlinked file does.
+        // handles, and loses it with the last one, as an unlinked file does
+        // (checked first: a proposal would store chunks to be refused).
         let ino = state.ino();
         let deleted_elsewhere = || self.kept(ino).is_some();
         if !state.is_dirty() || deleted_elsewhere() {

@@ -158,8 +158,10 @@ impl RemoteChanges {
 
 impl ApplyObserver for RemoteChanges {
     fn storing(&self, cmd: &Command, outcome: &Outcome, freed: &[u64], batch: &mut WriteBatch) {
-        if let (false, Some(core)) = (freed.is_empty(), self.core.upgrade()) {
-            core.deleting(freed);
+        if !freed.is_empty() {
+            if let Some(core) = self.core.upgrade() {
+                core.deleting(freed);
+            }
         }
         if let (Some(Op::SetContent(s)), Some(r)) = (&cmd.op, &self.replicator) {
             if outcome.errno == 0 && cmd.node_id != self.node_id {
@@ -169,9 +171,6 @@ impl ApplyObserver for RemoteChanges {
     }
 
     fn applied(&self, cmd: &Command, outcome: &Outcome) {
-        if let Some(core) = self.core.upgrade() {
-            core.deleted();
-        }
         if outcome.errno != 0 {
             return;
         }

@@ -10,26 +10,34 @@
 //! which `ip netns exec` would not).
 //!
 //! Everything is made with iproute2 under names that carry this process's
-//! id, and removed on drop.
+//! id and the network's number within the process (tests run in threads,
+//! so one process holds several networks at once), and removed on drop.
 
 use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 pub struct Lan {
-    /// Prefix of every name this network made: `wl<pid>`.
+    /// Prefix of every name this network made: `wl<pid>n<k>`, short
+    /// enough that `<prefix>p<id>` fits Linux's 15 bytes of a link name.
     prefix: String,
-    /// 10.<a>.<b>.0/24, from the pid, so two test processes do not meet.
+    /// 10.<a>.<b>.0/24: each host sits in a namespace of its own, so the
+    /// subnet only has to look different in `ip` listings.
     subnet: String,
     hosts: std::sync::Mutex<Vec<u64>>,
 }
+
+/// How many networks this process has made.
+static LANS_MADE: AtomicU32 = AtomicU32::new(0);
 
 impl Lan {
     /// The bridge; None, with the reason printed, where network
     /// namespaces cannot be made (not root, no iproute2).
     pub fn new() -> Option<Lan> {
         let pid = std::process::id();
+        let k = LANS_MADE.fetch_add(1, Ordering::Relaxed);
         let lan = Lan {
-            prefix: format!("wl{pid}"),
-            subnet: format!("10.{}.{}", 100 + (pid >> 8) % 100, pid & 0xff),
+            prefix: format!("wl{pid}n{k}"),
+            subnet: format!("10.{}.{}", 100 + (pid >> 8) % 100, (pid + k) & 0xff),
             hosts: Default::default(),
         };
         let bridge = lan.bridge();
@@ -128,8 +136,10 @@ impl Lan {
 
 impl Drop for Lan {
     fn drop(&mut self) {
-        // Deleting a namespace deletes its veth pair with it.
+        // A namespace outlives `netns del` while a process is still in it,
+        // and its cable with it: delete the cable first (its peer goes too).
         for id in self.hosts.lock().unwrap().iter() {
+            let _ = ip(&["link", "del", &self.port(*id)]);
             let _ = ip(&["netns", "del", &self.netns(*id)]);
         }
         let _ = ip(&["link", "del", &self.bridge()]);

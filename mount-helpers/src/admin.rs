@@ -14,7 +14,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -138,6 +138,7 @@ impl AdminState {
     fn metrics(&self) -> String {
         let raft = self.core.node().status();
         let store = self.core.namespace().store();
+        let replication = self.replicator.status();
         let healthy = self.problem().is_none() as u8;
         format!(
             "# TYPE wpfs_healthy gauge\nwpfs_healthy {healthy}\n\
@@ -157,9 +158,9 @@ impl AdminState {
             raft.applied,
             store.size_bytes(),
             self.core.namespace().inode_count().unwrap_or(0),
-            self.replicator.status().backlog_chunks,
-            self.replicator.status().fetched_bytes,
-            self.replicator.status().under_replicated_chunks,
+            replication.backlog_chunks,
+            replication.fetched_bytes,
+            replication.under_replicated_chunks,
             self.transport
                 .links()
                 .values()
@@ -168,8 +169,11 @@ impl AdminState {
         )
     }
 
-    /// Membership changes asked through the Unix socket.
+    /// Membership changes asked through the Unix socket, one at a time:
+    /// Raft takes one membership change at once.
     fn change(&self, path: &str) -> (u16, &'static str, String) {
+        static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let node = self.core.node();
         let result = if path == "/leave" {
             cluster::leave(node, &self.transport).map(|()| {
@@ -239,36 +243,68 @@ fn handle(state: &AdminState, stream: &mut (impl Read + Write), local: bool) {
     );
 }
 
-/// A connection that may wait at most so long for its request.
-trait Connection: Read + Write {
+/// How long a client may take to send its request or read the answer.
+const CLIENT_WAIT: Duration = Duration::from_secs(5);
+/// Connections answered at once on one listener; more wait to be accepted.
+const MAX_CONNECTIONS: usize = 16;
+
+/// A connection whose reads and writes wait at most `CLIENT_WAIT`.
+trait Connection: Read + Write + Send + 'static {
     fn limit_wait(&self);
 }
 
 impl Connection for std::os::unix::net::UnixStream {
     fn limit_wait(&self) {
-        let _ = self.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = self.set_read_timeout(Some(CLIENT_WAIT));
+        let _ = self.set_write_timeout(Some(CLIENT_WAIT));
     }
 }
 
 impl Connection for std::net::TcpStream {
     fn limit_wait(&self) {
-        let _ = self.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = self.set_read_timeout(Some(CLIENT_WAIT));
+        let _ = self.set_write_timeout(Some(CLIENT_WAIT));
     }
 }
 
-/// Answers the connections `accept` yields, one at a time, on a thread.
+/// Answers the connections `accept` yields, each on a thread of its own:
+/// a client that connects and says nothing (or a `wpfs leave` waiting for
+/// its membership change) must not hold up a load balancer's health check.
 fn spawn_server<C: Connection>(
     name: &str,
     local: bool,
     state: Arc<AdminState>,
     mut accept: impl FnMut() -> std::io::Result<C> + Send + 'static,
 ) -> Result<(), String> {
+    let active = Arc::new(AtomicUsize::new(0));
+    let name = name.to_string();
     std::thread::Builder::new()
-        .name(name.into())
+        .name(name.clone())
         .spawn(move || loop {
-            if let Ok(mut conn) = accept() {
-                conn.limit_wait();
-                handle(&state, &mut conn, local);
+            while active.load(Ordering::Acquire) >= MAX_CONNECTIONS {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let mut conn = match accept() {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of file descriptors, say: do not spin on it.
+                    tracing::warn!("admin endpoint: accepting a connection failed: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+            };
+            conn.limit_wait();
+            active.fetch_add(1, Ordering::AcqRel);
+            let (state, done) = (state.clone(), active.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("{name}-conn"))
+                .spawn(move || {
+                    handle(&state, &mut conn, local);
+                    done.fetch_sub(1, Ordering::AcqRel);
+                });
+            if let Err(e) = spawned {
+                tracing::warn!("admin endpoint: no thread for a connection: {e}");
+                active.fetch_sub(1, Ordering::AcqRel);
             }
         })
         .map(|_| ())

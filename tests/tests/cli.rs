@@ -248,3 +248,49 @@ fn a_damaged_config_is_reported_not_panicked_on() {
     let err = stderr_of(&["status", "--data", s(&data)]);
     assert!(err.contains("damaged"), "{err}");
 }
+
+/// The `--admin` address, what load balancers and Prometheus ask: health
+/// and metrics answer while another client holds a connection without a
+/// word, and membership changes are refused there (Unix socket only).
+#[test]
+fn the_admin_address_answers_while_a_client_hangs_and_refuses_changes() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = local_dir();
+    let (data, mnt) = (tmp.path().join("d"), tmp.path().join("m"));
+    std::fs::create_dir(&mnt).unwrap();
+    let admin = format!("127.0.0.1:{}", port());
+    let listen = format!("127.0.0.1:{}", port());
+    let args = ["init", "--data", s(&data), "--node-id", "1"];
+    wpfs_ok(&[&args[..], &["--listen", &listen, "--admin", &admin]].concat());
+    wpfs_ok(&["mount", s(&data), s(&mnt)]);
+    let _guard = UnmountOnDrop(mnt.clone());
+
+    let _silent = std::net::TcpStream::connect(&admin).unwrap();
+    assert_eq!(http(&admin, "GET /health"), (200, "ok\n".to_string()));
+    let (status, metrics) = http(&admin, "GET /metrics");
+    assert_eq!(status, 200);
+    for line in ["wpfs_healthy 1\n", "wpfs_raft_is_leader 1\n"] {
+        assert!(metrics.contains(line), "no {line:?} in\n{metrics}");
+    }
+    assert_eq!(http(&admin, "GET /nothing").0, 404);
+    assert_eq!(http(&admin, "POST /leave").0, 400);
+    assert_eq!(http(&admin, "GET /health").0, 200, "the node left");
+}
+
+/// One HTTP/1.0 request: the status code and the body. The server holds a
+/// silent client for 5 s; waiting less than that for the answer is what
+/// proves it is not waiting for that client.
+fn http(addr: &str, request_line: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    write!(conn, "{request_line} HTTP/1.0\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer)
+        .unwrap_or_else(|e| panic!("{request_line}: no answer from {addr}: {e}"));
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok());
+    (status.expect("a status code"), body.to_string())
+}

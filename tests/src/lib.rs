@@ -13,29 +13,64 @@ use std::time::{Duration, Instant};
 pub mod lan;
 use lan::Lan;
 
-/// The directory holding the built `wpfs` and `mount.wpfs`.
+/// The directory holding the built `wpfs` and `mount.wpfs`: `WPFS_BIN`,
+/// or the target directory these tests were built in.
 pub fn bin_dir() -> PathBuf {
-    if let Some(p) = std::env::var_os("WPFS_BIN") {
-        return PathBuf::from(p);
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        if let Some(p) = std::env::var_os("WPFS_BIN") {
+            return PathBuf::from(p);
+        }
+        // target/<profile>/deps/<test> → target/<profile>
+        let exe = std::env::current_exe().expect("current_exe");
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target dir")
+            .to_path_buf();
+        let bin = dir.join("wpfs");
+        assert!(
+            bin.exists(),
+            "{} has no wpfs binary: run `cargo build --workspace --bins` before the tests",
+            dir.display()
+        );
+        refuse_stale(&bin);
+        // mount.wpfs is a link to wpfs (`make build` makes it too).
+        let helper = dir.join("mount.wpfs");
+        if !helper.exists() {
+            let _ = std::os::unix::fs::symlink("wpfs", &helper);
+        }
+        dir
+    })
+    .clone()
+}
+
+/// Fails when a source file of the product is newer than `bin`: `cargo
+/// test -p wpfs-tests` builds the tests but not the binary they run, and
+/// would test yesterday's code without a word.
+fn refuse_stale(bin: &Path) {
+    let modified = |p: &Path| p.metadata().and_then(|m| m.modified()).ok();
+    let built = modified(bin).expect("the binary's mtime");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut dirs: Vec<PathBuf> = ["fs/src", "consensus/src", "proto", "mount-helpers/src"]
+        .iter()
+        .map(|d| root.join(d))
+        .collect();
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if modified(&path).is_some_and(|m| m > built) {
+                panic!(
+                    "{} is older than {}: run `cargo build --workspace --bins` first \
+                     (`make test` does), or set WPFS_BIN to the directory of the binary to test",
+                    bin.display(),
+                    path.display()
+                );
+            }
+        }
     }
-    // target/<profile>/deps/<test> → target/<profile>
-    let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .to_path_buf();
-    assert!(
-        dir.join("wpfs").exists(),
-        "{} has no wpfs binary: run `cargo build --bins` before the tests",
-        dir.display()
-    );
-    // mount.wpfs is a link to wpfs (`make build` makes it too).
-    let helper = dir.join("mount.wpfs");
-    if !helper.exists() {
-        let _ = std::os::unix::fs::symlink("wpfs", &helper);
-    }
-    dir
 }
 
 pub fn wpfs(args: &[&str]) -> Output {

@@ -27,7 +27,7 @@ use wpfs_consensus::namespace::{Hash, Namespace};
 use wpfs_consensus::store::{CF_CHUNKS, CF_META};
 use wpfs_consensus::Store;
 
-use crate::error::{err, Result};
+use crate::error::{err, Errno, Result};
 use crate::space::Space;
 use crate::throttle::{held_back, Throttle};
 
@@ -46,6 +46,8 @@ pub struct ChunkStore {
 /// A chunk that arrived before anything referenced it here (a writer's
 /// copy, ahead of the command) is left alone this long by the collector.
 const ARRIVAL_GRACE_SECS: u64 = 300;
+/// Chunks one read fetches from peers at a time.
+const FETCHES_AT_ONCE: usize = 8;
 
 /// Where missing chunks come from: the peers.
 pub trait ChunkSource: Send + Sync {
@@ -185,22 +187,31 @@ impl ChunkStore {
     }
 
     /// The chunk with `hash`, verified; `snapshot` gives a consistent view.
+    /// One that is not here is brought from a peer.
     pub fn get(&self, hash: &[u8], snapshot: Option<&rocksdb::Snapshot<'_>>) -> Result<Vec<u8>> {
+        if let Some(data) = self.get_here(hash, snapshot)? {
+            return Ok(data);
+        }
+        let hash: Hash = hash.try_into().map_err(|_| Errno(libc::EIO))?;
+        self.bring(&[hash])?
+            .remove(&hash)
+            .ok_or_else(|| self.missing(&hash))
+    }
+
+    /// The chunk with `hash` if this node has it (as `snapshot` sees the
+    /// store), verified.
+    pub fn get_here(
+        &self,
+        hash: &[u8],
+        snapshot: Option<&rocksdb::Snapshot<'_>>,
+    ) -> Result<Option<Vec<u8>>> {
         let cf = self.store.cf(CF_CHUNKS);
         let data = match snapshot {
             Some(s) => s.get_cf(cf, hash)?,
             None => self.store.db().get_cf(cf, hash)?,
         };
-        let Some(data) = data.or_else(|| self.fetch(hash)) else {
-            if let Some(held) = self.missing_logged.admit() {
-                tracing::error!(
-                    "chunk {} is missing here and no reachable peer has it: reads of it fail \
-                     with EIO until a node that has it is back{}",
-                    hex(hash),
-                    held_back(held)
-                );
-            }
-            return err(libc::EIO);
+        let Some(data) = data else {
+            return Ok(None);
         };
         if blake3::hash(&data).as_bytes() != hash {
             tracing::error!(
@@ -209,27 +220,67 @@ impl ChunkStore {
             );
             return err(libc::EIO);
         }
-        Ok(data)
+        Ok(Some(data))
     }
 
-    /// A missing chunk, from a peer, verified and stored.
-    fn fetch(&self, hash: &[u8]) -> Option<Vec<u8>> {
-        let hash: &Hash = hash.try_into().ok()?;
+    /// The chunks of `hashes`, verified: from this node's store as it is
+    /// now (one may have arrived since a reader's snapshot), the others
+    /// from peers, up to `FETCHES_AT_ONCE` at a time rather than a round
+    /// trip each. Those that no reachable peer has are left out.
+    pub fn bring(&self, hashes: &[Hash]) -> Result<HashMap<Hash, Vec<u8>>> {
+        let mut found = HashMap::new();
+        let mut wanted = Vec::new();
+        for hash in hashes {
+            match self.get_here(hash, None)? {
+                Some(data) => {
+                    found.insert(*hash, data);
+                }
+                None if !wanted.contains(hash) => wanted.push(*hash),
+                None => {}
+            }
+        }
+        for group in wanted.chunks(FETCHES_AT_ONCE) {
+            let fetched: Vec<(Hash, Option<Vec<u8>>)> = match group {
+                [one] => vec![(*one, self.fetch(one))],
+                _ => std::thread::scope(|scope| {
+                    let calls: Vec<_> = (group.iter())
+                        .map(|h| scope.spawn(move || (*h, self.fetch(h))))
+                        .collect();
+                    calls.into_iter().filter_map(|c| c.join().ok()).collect()
+                }),
+            };
+            found.extend(fetched.into_iter().filter_map(|(h, d)| Some((h, d?))));
+        }
+        Ok(found)
+    }
+
+    /// The error of a read that needs a chunk no one can give it, logged.
+    pub fn missing(&self, hash: &Hash) -> Errno {
+        if let Some(held) = self.missing_logged.admit() {
+            tracing::error!(
+                "chunk {} is missing here and no reachable peer has it: reads of it fail \
+                 with EIO until a node that has it is back{}",
+                hex(hash),
+                held_back(held)
+            );
+        }
+        Errno(libc::EIO)
+    }
+
+    /// A missing chunk from a peer, verified, and stored unless this node
+    /// keeps no contents (a witness).
+    fn fetch(&self, hash: &Hash) -> Option<Vec<u8>> {
         let data = self.source.get()?.fetch(hash)?;
-        if !self.keep_fetched.load(std::sync::atomic::Ordering::Relaxed) {
-            return Some(data); // verified by the caller
+        if blake3::hash(&data).as_bytes() != hash {
+            tracing::error!("a peer sent chunk {} with the wrong bytes", hex(hash));
+            return None;
         }
-        match self.put_verified(hash, &data) {
-            Ok(true) => Some(data),
-            Ok(false) => {
-                tracing::error!("a peer sent chunk {} with the wrong bytes", hex(hash));
-                None
-            }
-            Err(e) => {
+        if self.keep_fetched.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Err(e) = self.put_hashed(hash, &data) {
                 tracing::warn!("storing fetched chunk {}: {e:?}", hex(hash));
-                Some(data)
             }
         }
+        Some(data)
     }
 
     /// Deletes the flagged chunks that no file references and no pending

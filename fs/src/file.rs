@@ -11,7 +11,7 @@
 //! file's size, so growing a file later reads zeros there.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use wpfs_consensus::namespace::{Hash, Namespace};
@@ -363,6 +363,9 @@ pub fn read_range(
     let mut committed = committed.into_iter().peekable();
     let mut out = vec![0u8; (end - offset) as usize];
     let mut hole = false;
+    // Chunks brought for this read: the first one not here brings the
+    // others of the range that are not here either, fetched together.
+    let mut brought: HashMap<Hash, Vec<u8>> = HashMap::new();
     for index in first..=last {
         let slot = loop {
             match committed.peek() {
@@ -378,7 +381,27 @@ pub fn read_range(
             Some(Slot::Sealed { hash, .. }) => Cow::Owned(contents.chunks.get(hash, None)?),
             None if state.is_some_and(|s| s.truncated_away(index)) => continue,
             None => match slot {
-                Some(s) => Cow::Owned(contents.chunks.get(&s.hash, Some(&snapshot))?),
+                Some(s) => {
+                    let hash = Hash::try_from(&s.hash[..]).map_err(|_| Errno(libc::EIO))?;
+                    let here = match brought.remove(&hash) {
+                        Some(data) => Some(data),
+                        None => contents.chunks.get_here(&hash, Some(&snapshot))?,
+                    };
+                    let data = match here {
+                        Some(data) => data,
+                        None => {
+                            let rest = committed.clone().filter(|c| {
+                                state.is_none_or(|st| !st.dirty.contains_key(&c.index))
+                            });
+                            let wanted: Vec<Hash> = std::iter::once(hash)
+                                .chain(rest.filter_map(|c| Hash::try_from(&c.hash[..]).ok()))
+                                .collect();
+                            brought = contents.chunks.bring(&wanted)?;
+                            (brought.remove(&hash)).ok_or_else(|| contents.chunks.missing(&hash))?
+                        }
+                    };
+                    Cow::Owned(data)
+                }
                 None => {
                     hole = true;
                     continue;

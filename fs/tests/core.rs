@@ -3,11 +3,15 @@
 //! These check what the mount tests cannot see: chunks shared and
 //! collected, orphans reaped.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use wpfs_consensus::namespace::Hash;
 use wpfs_consensus::store::CF_CHUNKS;
 use wpfs_consensus::{Node, NodeConfig, Store, ROOT_INO};
+use wpfs_fs::chunks::ChunkSource;
 use wpfs_fs::core::{Caller, NewNode};
 use wpfs_fs::{CoreOptions, FsCore};
 
@@ -368,4 +372,60 @@ fn a_carried_chunk_is_not_left_for_the_collector_to_look_at() {
     assert_eq!(flagged.len(), 1);
     assert_eq!(flagged[0].0, hash(&pushed));
     assert_eq!(chunks_stored(&f.store), 2);
+}
+
+/// Another node's store, as the core fetches what it lacks from it; counts
+/// the fetches in flight at once.
+#[derive(Default)]
+struct Peer {
+    chunks: parking_lot::Mutex<HashMap<Hash, Vec<u8>>>,
+    in_flight: AtomicUsize,
+    most_at_once: AtomicUsize,
+}
+
+impl ChunkSource for Peer {
+    fn fetch(&self, hash: &Hash) -> Option<Vec<u8>> {
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_at_once.fetch_max(now, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(20)); // a round trip
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.chunks.lock().get(hash).cloned()
+    }
+}
+
+#[test]
+fn a_read_of_chunks_not_here_fetches_them_together_and_keeps_them() {
+    let f = fixture();
+    let data = pattern(7, 16 * 65_536);
+    let ino = write_file(&f.core, "f", &data);
+    // This node keeps the file's slots and loses its bytes to the peer:
+    // a node that replication has not caught up yet.
+    let peer = Arc::new(Peer::default());
+    let cf = f.store.cf(CF_CHUNKS);
+    for kv in f.store.db().iterator_cf(cf, rocksdb::IteratorMode::Start) {
+        let (key, value) = kv.unwrap();
+        peer.chunks
+            .lock()
+            .insert(Hash::try_from(&key[..]).unwrap(), value.to_vec());
+        f.store.db().delete_cf(cf, key).unwrap();
+    }
+    assert_eq!(peer.chunks.lock().len(), 16);
+    f.core.chunks().set_source(peer.clone(), true);
+
+    assert_eq!(f.core.read(ino, 0, 1 << 20).unwrap(), data);
+    let most = peer.most_at_once.load(Ordering::SeqCst);
+    assert!(most > 1, "the 16 chunks came one at a time");
+    assert_eq!(chunks_stored(&f.store), 16, "fetched chunks are kept");
+
+    // A chunk that neither this node nor any peer has: EIO, never zeros.
+    let sixth = *blake3::hash(&data[5 * 65_536..6 * 65_536]).as_bytes();
+    f.store.db().delete_cf(cf, sixth).unwrap();
+    peer.chunks.lock().remove(&sixth);
+    let read = |offset: u64, len: u32| f.core.read(ino, offset, len).map_err(|e| e.0);
+    assert_eq!(read(5 * 65_536 + 7, 10), Err(libc::EIO));
+    assert_eq!(read(0, 1 << 20), Err(libc::EIO));
+    assert_eq!(
+        read(6 * 65_536, 65_536).unwrap(),
+        &data[6 * 65_536..7 * 65_536]
+    );
 }

@@ -74,6 +74,8 @@ const LOG_KEEP_BYTES: u64 = 64 << 20;
 const MAX_VOTERS: usize = 5;
 /// A proposal not applied this long after it was sent is sent again.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// A read-index request unanswered this long was dropped (no leader).
+const READ_INDEX_KEPT: Duration = Duration::from_secs(60);
 /// The caller waits this much longer than its deadline, so that the
 /// driver, which knows why nothing happened, gives the answer.
 const ANSWER_GRACE: Duration = Duration::from_secs(1);
@@ -170,6 +172,8 @@ enum Request {
         reply: Reply<Outcome>,
     },
     Step(RaftMessage),
+    /// What the leader has committed, confirmed as still the leader's.
+    ReadIndex(Reply<u64>),
     ChangeMember {
         change: ConfChangeType,
         member: Member,
@@ -271,6 +275,8 @@ impl Node {
             shared: shared.clone(),
             unsynced_since: None,
             told_commit: HashMap::new(),
+            reads: HashMap::new(),
+            next_read: 0,
             snapshot_sent: HashMap::new(),
             known_leader: 0,
             untold_since: None,
@@ -330,6 +336,15 @@ impl Node {
             reply,
         })?;
         wait(&rx, timeout + ANSWER_GRACE)
+    }
+
+    /// The index the leader had committed when it answered, once it has
+    /// confirmed it still leads: everything this node must apply to be as
+    /// current as the cluster was at the call.
+    pub fn read_index(&self, timeout: Duration) -> Result<u64, ProposeError> {
+        let (reply, rx) = mailbox::bounded(1);
+        self.submit(Request::ReadIndex(reply))?;
+        wait(&rx, timeout)
     }
 
     pub fn status(&self) -> RaftStatus {
@@ -489,6 +504,10 @@ struct Driver {
     unsynced_since: Option<Instant>,
     /// Leader: the highest commit index sent to each peer.
     told_commit: HashMap<u64, u64>,
+    /// Read-index requests waiting for the leader's answer, by context,
+    /// with when they were asked.
+    reads: HashMap<Vec<u8>, (Instant, Reply<u64>)>,
+    next_read: u64,
     /// Leader: since when some peer holds committed entries it has not
     /// been told are committed.
     untold_since: Option<Instant>,
@@ -618,6 +637,14 @@ impl Driver {
                     tracing::debug!("dropped a Raft message: {e}");
                 }
             }
+            Request::ReadIndex(reply) => {
+                // Without a leader raft-rs drops the request: the caller's
+                // wait ends it, and housekeeping forgets it.
+                self.next_read += 1;
+                let context = self.next_read.to_be_bytes().to_vec();
+                self.raw.read_index(context.clone());
+                self.reads.insert(context, (Instant::now(), reply));
+            }
             Request::ChangeMember {
                 change,
                 member,
@@ -711,6 +738,8 @@ impl Driver {
             let _ = p.reply.send(Err(why));
         }
         self.propose_again(|p| p.sent.is_none_or(|at| now - at >= RETRY_AFTER));
+        self.reads
+            .retain(|_, (asked, _)| now - *asked < READ_INDEX_KEPT);
         self.resend_stalled_snapshots();
         if self.raw.raft.state != StateRole::Leader || self.raw.raft.has_pending_conf() {
             return;
@@ -804,6 +833,11 @@ impl Driver {
             self.known_leader = ss.leader_id;
         }
         self.send(ready.take_messages());
+        for read in ready.take_read_states() {
+            if let Some((_, reply)) = self.reads.remove(&read.request_ctx) {
+                let _ = reply.send(Ok(read.index));
+            }
+        }
         if !ready.snapshot().is_empty() {
             let snap = ready.snapshot().clone();
             self.install_snapshot(&snap)?;

@@ -15,7 +15,7 @@ use std::os::fd::{FromRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use wpfs_consensus::{Namespace, Node, Store, StoreError, Transport, TransportConfig};
 use wpfs_fs::kernel_refs::KernelRefs;
@@ -27,6 +27,9 @@ use crate::admin::{self, AdminState};
 use crate::cluster::{self, PeerHandler, PeerService, LEFT_FILE};
 use crate::config::{db_path, NodeConfig, JOINING_FILE, LOG_FILE, SOCKET_FILE};
 use crate::options::Options;
+
+/// The longest a mount waits to catch up with the cluster (`catch_up`).
+const CATCH_UP_WAIT: Duration = Duration::from_secs(30);
 
 pub struct MountRequest {
     pub dir: PathBuf,
@@ -301,7 +304,8 @@ fn run(req: &MountRequest, config: &NodeConfig, reporter: &mut Reporter) -> Resu
         let _ = std::fs::remove_file(req.dir.join(JOINING_FILE));
         joined?;
     }
-    if !node.wait_for_leader(req.options.write_timeout) {
+    let has_leader = node.wait_for_leader(req.options.write_timeout);
+    if !has_leader {
         tracing::warn!(
             "no Raft leader yet: the mount serves reads, writes fail until one is elected"
         );
@@ -352,6 +356,9 @@ fn run(req: &MountRequest, config: &NodeConfig, reporter: &mut Reporter) -> Resu
         stop.clone(),
     );
 
+    if has_leader {
+        catch_up(&node, reporter);
+    }
     let mount_opts = MountOptions {
         source: req.dir.to_string_lossy().into_owned(),
         allow_other: req.options.allow_other,
@@ -407,6 +414,57 @@ fn run(req: &MountRequest, config: &NodeConfig, reporter: &mut Reporter) -> Resu
     node.stop();
     tracing::info!("unmounted {}; store closed", req.mountpoint.display());
     served.map_err(|e| format!("FUSE session ended with an error: {e}"))
+}
+
+/// Waits, before the mount serves anything, until this node has applied
+/// what the cluster had committed when it asked. A node restarted after
+/// missing changes would serve its older copy of them meanwhile: a file's
+/// previous version, or a new file still empty. Contents not here yet
+/// are fetched on demand, so only the namespace is waited for. Past
+/// `CATCH_UP_WAIT` (a leader that does not answer, a backlog too long)
+/// it mounts what it has, says so, and applies the rest while serving.
+fn catch_up(node: &Node, reporter: &mut Reporter) {
+    let started = Instant::now();
+    let target = match node.read_index(Duration::from_secs(5)) {
+        Ok(index) => index,
+        Err(e) => {
+            tracing::warn!(
+                "could not learn the cluster's commit index ({e}): mounting this node's copy \
+                 as it is; changes it missed are applied as they arrive"
+            );
+            return;
+        }
+    };
+    let behind_at_first = target.saturating_sub(node.status().applied);
+    let mut said = Instant::now();
+    loop {
+        let applied = node.status().applied;
+        if applied >= target {
+            if behind_at_first > 0 {
+                tracing::info!(
+                    "caught up on {behind_at_first} changes in {:?}",
+                    started.elapsed()
+                );
+            }
+            return;
+        }
+        if started.elapsed() >= CATCH_UP_WAIT {
+            tracing::warn!(
+                "still {} changes behind the cluster after {CATCH_UP_WAIT:?}: mounting; they \
+                 are applied while the mount serves",
+                target - applied
+            );
+            return;
+        }
+        if said.elapsed() >= Duration::from_secs(1) {
+            reporter.progress(&format!(
+                "catching up on changes made while this node was away: {} of {behind_at_first} applied",
+                behind_at_first.saturating_sub(target - applied)
+            ));
+            said = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// Where a first mount's join is, for `wpfs status` (`JOINING_FILE`): a

@@ -561,7 +561,19 @@ fn a_file_created_on_two_nodes_at_once_stays_usable_through_the_later_handle() {
         .open(cluster.node(2).path("cache.html"))
         .unwrap();
     write_file(cluster.node(1).path("cache.html"), b"from node 1").unwrap();
-    wait_for_bytes(&cluster.node(2).path("cache.html"), b"from node 1");
+    // Node 2 has applied node 1's file once a stat there shows its size.
+    // Not a read: closing a reader's handle would commit node 2's still
+    // unborn file (empty) after node 1's, and that later commit wins.
+    let on_two = cluster.node(2).path("cache.html");
+    let started = std::time::Instant::now();
+    while !fs::metadata(&on_two).is_ok_and(|m| m.len() == 11) {
+        assert!(
+            started.elapsed() < CONVERGE,
+            "node 2 does not show node 1's file after {CONVERGE:?}: {}",
+            where_is(&cluster, "cache.html")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     later.write_all(b"from node 2, later").unwrap();
     later.sync_all().unwrap();
     let meta = later.metadata().expect("fstat of the later handle");
@@ -573,6 +585,29 @@ fn a_file_created_on_two_nodes_at_once_stays_usable_through_the_later_handle() {
             fs::read(&path).is_ok_and(|b| b == b"from node 2, later")
         });
     }
+}
+
+/// What each node shows of `rel` (inode, size) and how far it has
+/// applied the log: the state to report when a wait for it times out.
+fn where_is(cluster: &Cluster, rel: &str) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let shown = |n: &wpfs_tests::Node| match fs::metadata(n.path(rel)) {
+        Ok(m) => format!("inode {} of {} bytes", m.ino(), m.len()),
+        Err(e) => e.to_string(),
+    };
+    (1..=cluster.nodes.len() as u64)
+        .map(|id| {
+            let node = cluster.node(id);
+            let status = node.status();
+            format!(
+                "node {id}: {}, applied {} of commit {}",
+                shown(node),
+                status["applied_index"],
+                status["commit_index"]
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// A node mounted again after missing changes serves none of its older

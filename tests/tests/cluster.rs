@@ -561,15 +561,17 @@ fn a_file_created_on_two_nodes_at_once_stays_usable_through_the_later_handle() {
         .open(cluster.node(2).path("cache.html"))
         .unwrap();
     write_file(cluster.node(1).path("cache.html"), b"from node 1").unwrap();
-    // Node 2 has applied node 1's file once a stat there shows its size.
-    // Not a read: closing a reader's handle would commit node 2's still
-    // unborn file (empty) after node 1's, and that later commit wins.
-    let on_two = cluster.node(2).path("cache.html");
+    // Wait until node 2 has applied node 1's file, by its log index: not
+    // by its bytes. Node 2's unborn file is born (empty) with the next
+    // change node 2 proposes (its maintenance may propose one at any
+    // moment), and whichever birth commits later wins the name, so node
+    // 1's bytes may never show there. Either way node 2's handle must work.
+    let written = cluster.node(1).status()["commit_index"].as_u64().unwrap();
     let started = std::time::Instant::now();
-    while !fs::metadata(&on_two).is_ok_and(|m| m.len() == 11) {
+    while cluster.node(2).status()["applied_index"].as_u64() < Some(written) {
         assert!(
             started.elapsed() < CONVERGE,
-            "node 2 does not show node 1's file after {CONVERGE:?}: {}",
+            "node 2 did not apply node 1's file in {CONVERGE:?}: {}",
             where_is(&cluster, "cache.html")
         );
         std::thread::sleep(Duration::from_millis(20));

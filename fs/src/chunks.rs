@@ -189,13 +189,33 @@ impl ChunkStore {
     /// The chunk with `hash`, verified; `snapshot` gives a consistent view.
     /// One that is not here is brought from a peer.
     pub fn get(&self, hash: &[u8], snapshot: Option<&rocksdb::Snapshot<'_>>) -> Result<Vec<u8>> {
+        let hash: Hash = hash.try_into().map_err(|_| Errno(libc::EIO))?;
+        self.get_or_bring(&hash, snapshot, &mut HashMap::new(), Vec::new)
+    }
+
+    /// The chunk with `hash`, verified: from `brought` (chunks this read
+    /// fetched already), from this node's store, or else brought from
+    /// peers together with `others` (the rest of the read), which go into
+    /// `brought` for the chunks to come.
+    pub fn get_or_bring(
+        &self,
+        hash: &Hash,
+        snapshot: Option<&rocksdb::Snapshot<'_>>,
+        brought: &mut HashMap<Hash, Vec<u8>>,
+        others: impl FnOnce() -> Vec<Hash>,
+    ) -> Result<Vec<u8>> {
+        if let Some(data) = (!brought.is_empty())
+            .then(|| brought.remove(hash))
+            .flatten()
+        {
+            return Ok(data);
+        }
         if let Some(data) = self.get_here(hash, snapshot)? {
             return Ok(data);
         }
-        let hash: Hash = hash.try_into().map_err(|_| Errno(libc::EIO))?;
-        self.bring(&[hash])?
-            .remove(&hash)
-            .ok_or_else(|| self.missing(&hash))
+        let wanted: Vec<Hash> = std::iter::once(*hash).chain(others()).collect();
+        *brought = self.bring(&wanted)?;
+        brought.remove(hash).ok_or_else(|| self.missing(hash))
     }
 
     /// The chunk with `hash` if this node has it (as `snapshot` sees the
@@ -227,7 +247,7 @@ impl ChunkStore {
     /// now (one may have arrived since a reader's snapshot), the others
     /// from peers, up to `FETCHES_AT_ONCE` at a time rather than a round
     /// trip each. Those that no reachable peer has are left out.
-    pub fn bring(&self, hashes: &[Hash]) -> Result<HashMap<Hash, Vec<u8>>> {
+    fn bring(&self, hashes: &[Hash]) -> Result<HashMap<Hash, Vec<u8>>> {
         let mut found = HashMap::new();
         let mut wanted = Vec::new();
         for hash in hashes {
@@ -255,7 +275,7 @@ impl ChunkStore {
     }
 
     /// The error of a read that needs a chunk no one can give it, logged.
-    pub fn missing(&self, hash: &Hash) -> Errno {
+    fn missing(&self, hash: &Hash) -> Errno {
         if let Some(held) = self.missing_logged.admit() {
             tracing::error!(
                 "chunk {} is missing here and no reachable peer has it: reads of it fail \

@@ -383,24 +383,14 @@ pub fn read_range(
             None => match slot {
                 Some(s) => {
                     let hash = Hash::try_from(&s.hash[..]).map_err(|_| Errno(libc::EIO))?;
-                    let here = match brought.remove(&hash) {
-                        Some(data) => Some(data),
-                        None => contents.chunks.get_here(&hash, Some(&snapshot))?,
+                    let others = || {
+                        (committed.clone())
+                            .filter(|c| state.is_none_or(|st| !st.dirty.contains_key(&c.index)))
+                            .filter_map(|c| Hash::try_from(&c.hash[..]).ok())
+                            .collect()
                     };
-                    let data = match here {
-                        Some(data) => data,
-                        None => {
-                            let rest = committed.clone().filter(|c| {
-                                state.is_none_or(|st| !st.dirty.contains_key(&c.index))
-                            });
-                            let wanted: Vec<Hash> = std::iter::once(hash)
-                                .chain(rest.filter_map(|c| Hash::try_from(&c.hash[..]).ok()))
-                                .collect();
-                            brought = contents.chunks.bring(&wanted)?;
-                            (brought.remove(&hash)).ok_or_else(|| contents.chunks.missing(&hash))?
-                        }
-                    };
-                    Cow::Owned(data)
+                    let chunks = &contents.chunks;
+                    Cow::Owned(chunks.get_or_bring(&hash, Some(&snapshot), &mut brought, others)?)
                 }
                 None => {
                     hole = true;

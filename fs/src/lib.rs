@@ -55,7 +55,10 @@ pub fn mount(
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         MountOption::FSName(opts.source.clone()),
-        MountOption::Subtype("wpfs".into()),
+        // The kernel's own option: the mount's type becomes `fuse.wpfs`
+        // (`findmnt -t fuse.wpfs`, `umount -a -t fuse.wpfs`). fuser's
+        // `Subtype` goes only to fusermount, which a root mount skips.
+        MountOption::CUSTOM("subtype=wpfs".into()),
         MountOption::DefaultPermissions,
         MountOption::NoDev,
         if opts.read_only {

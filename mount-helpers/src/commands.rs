@@ -41,10 +41,14 @@ pub fn join(
     peer: &str,
     token: &str,
     witness: bool,
+    admin: Option<&str>,
 ) -> Result<(), String> {
     check_node_id(node_id)?;
     check_addr(listen, "--listen")?;
     check_addr(peer, "--peer")?;
+    if let Some(a) = admin {
+        check_addr(a, "--admin")?;
+    }
     let parts: Vec<&str> = token.splitn(4, '.').collect();
     let ["wpfs1", cluster_id, secret, _addr] = parts[..] else {
         return Err(
@@ -54,12 +58,41 @@ pub fn join(
         );
     };
     prepare_new_dir(dir)?;
-    let mut config = NodeConfig::new(node_id, listen.to_string(), None);
+    let mut config = NodeConfig::new(node_id, listen.to_string(), admin.map(str::to_string));
     config.cluster_id = cluster_id.to_string();
     config.secret = secret.to_string();
     config.peer = Some(peer.to_string());
     config.witness = witness;
     config.create(dir)
+}
+
+/// `wpfs config --admin`: sets (or, with `none`, clears) the node's HTTP
+/// admin address. A running daemon keeps its listener until it is mounted
+/// again; the answer says so.
+pub fn set_admin(dir: &Path, admin: &str) -> Result<String, String> {
+    let mut config = NodeConfig::load(dir)?;
+    let admin = match admin {
+        "none" => None,
+        addr => {
+            check_addr(addr, "--admin")?;
+            Some(addr.to_string())
+        }
+    };
+    config.admin = admin.clone();
+    config.save(dir)?;
+    let what = match &admin {
+        Some(a) => format!(
+            "node {} serves /health, /metrics and /status on http://{a}",
+            config.node_id
+        ),
+        None => format!("node {} serves no HTTP admin address", config.node_id),
+    };
+    Ok(match admin::query(&dir.join(SOCKET_FILE), "/status") {
+        Some(_) => format!(
+            "{what} from its next mount (it is running now: unmount and mount it again to apply)\n"
+        ),
+        None => format!("{what} once mounted\n"),
+    })
 }
 
 pub fn token(dir: &Path) -> Result<String, String> {

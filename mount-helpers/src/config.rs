@@ -1,6 +1,7 @@
 //! A node's data directory: `wpfs.json` (who this node is, which cluster
 //! it belongs to, its secret) next to `db/` (the RocksDB store). The file
-//! is written once by `wpfs init`/`join` and read by every other command.
+//! is written by `wpfs init`/`join`, changed only by `wpfs config`, and
+//! read by every other command.
 
 use std::fs;
 use std::io::Write;
@@ -13,6 +14,8 @@ pub const CONFIG_FILE: &str = "wpfs.json";
 pub const DB_DIR: &str = "db";
 pub const SOCKET_FILE: &str = "wpfs.sock";
 pub const LOG_FILE: &str = "wpfs.log";
+/// The running daemon's pid, for logrotate's SIGHUP.
+pub const PID_FILE: &str = "wpfs.pid";
 /// While a first mount joins the cluster (before the admin socket is up):
 /// the mounting daemon's pid and its latest progress line, for `wpfs status`.
 pub const JOINING_FILE: &str = "joining";
@@ -91,13 +94,29 @@ impl NodeConfig {
 
     /// Writes the config into a new data directory (mode 0600: it holds the secret).
     pub fn create(&self, dir: &Path) -> Result<(), String> {
+        self.write_to(&dir.join(CONFIG_FILE))
+    }
+
+    /// Replaces the config of an existing data directory: written beside
+    /// it, synced, then renamed over it, so a crash leaves the old file or
+    /// the new one, never half of either.
+    pub fn save(&self, dir: &Path) -> Result<(), String> {
         let path = dir.join(CONFIG_FILE);
+        let next = dir.join(format!("{CONFIG_FILE}.new"));
+        let _ = fs::remove_file(&next); // left by a crash mid-save
+        self.write_to(&next)?;
+        fs::rename(&next, &path)
+            .and_then(|()| fs::File::open(dir)?.sync_all())
+            .map_err(|e| format!("cannot replace {}: {e}", path.display()))
+    }
+
+    fn write_to(&self, path: &Path) -> Result<(), String> {
         let text = serde_json::to_string_pretty(self).map_err(|e| e.to_string())?;
         let mut f = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(&path)
+            .open(path)
             .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
         f.write_all(text.as_bytes())
             .and_then(|_| f.sync_all())

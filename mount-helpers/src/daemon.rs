@@ -6,7 +6,9 @@
 //! the parent waits on a pipe until the child reports "mounted" (exit 0)
 //! or why it could not (non-zero), so `mount` and systemd see the truth.
 //! `umount MOUNTPOINT` (or SIGTERM) ends the session; the daemon then
-//! commits open files, syncs the store and exits 0.
+//! commits open files, syncs the store and exits 0. A daemon reopens
+//! `DIR/wpfs.log` on SIGHUP (logrotate) and keeps its pid in `DIR/wpfs.pid`;
+//! under systemd (`$NOTIFY_SOCKET`) it says READY=1 once mounted.
 
 use std::ffi::CString;
 use std::fs;
@@ -25,7 +27,7 @@ use wpfs_fs::{CoreOptions, FsCore, MountOptions};
 
 use crate::admin::{self, AdminState};
 use crate::cluster::{self, PeerHandler, PeerService, LEFT_FILE};
-use crate::config::{db_path, NodeConfig, JOINING_FILE, LOG_FILE, SOCKET_FILE};
+use crate::config::{db_path, NodeConfig, JOINING_FILE, LOG_FILE, PID_FILE, SOCKET_FILE};
 use crate::options::Options;
 
 /// The longest a mount waits to catch up with the cluster (`catch_up`).
@@ -57,6 +59,7 @@ pub fn mount(req: MountRequest) -> Result<(), String> {
 }
 
 fn check_mountpoint(mp: &Path) -> Result<PathBuf, String> {
+    clear_dead_mount(mp)?;
     let meta = fs::metadata(mp).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => format!(
             "mountpoint {} does not exist: create it with `mkdir -p {}`",
@@ -77,6 +80,34 @@ fn check_mountpoint(mp: &Path) -> Result<PathBuf, String> {
         ));
     }
     Ok(mp)
+}
+
+/// A FUSE mount whose daemon died (kill -9, OOM) answers every access
+/// with ENOTCONN until it is detached; the restart that `Restart=` or an
+/// operator attempts would otherwise fail on it.
+fn clear_dead_mount(mp: &Path) -> Result<(), String> {
+    match fs::metadata(mp) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {}
+        _ => return Ok(()),
+    }
+    let path = CString::new(mp.as_os_str().as_encoded_bytes())
+        .map_err(|_| format!("mountpoint {} has a NUL byte", mp.display()))?;
+    // SAFETY: path is a valid C string.
+    if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } != 0 {
+        return Err(format!(
+            "{} is a dead FUSE mount (its daemon is gone) and cannot be detached ({}): \
+             run `umount -l {}`, then mount again",
+            mp.display(),
+            std::io::Error::last_os_error(),
+            mp.display()
+        ));
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "wpfs: {} was a dead mount (its daemon was gone): detached it",
+        mp.display()
+    );
+    Ok(())
 }
 
 fn is_mount_point(path: &Path) -> bool {
@@ -195,26 +226,44 @@ fn daemonize(req: &MountRequest, config: &NodeConfig) -> Result<(), String> {
 
 /// Leaves the terminal: new session, stdin from /dev/null, output to the log.
 fn detach(dir: &Path) -> Result<(), String> {
-    let log = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join(LOG_FILE))
-        .map_err(|e| format!("cannot open {}: {e}", dir.join(LOG_FILE).display()))?;
     let null = CString::new("/dev/null").expect("no NUL");
     // SAFETY: plain syscalls on fds we own; no threads exist yet.
     unsafe {
         libc::setsid();
         let devnull = libc::open(null.as_ptr(), libc::O_RDONLY);
         libc::dup2(devnull, 0);
-        libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&log), 1);
-        libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&log), 2);
+    }
+    open_log(dir)
+}
+
+/// Points stdout and stderr at `DIR/wpfs.log`, opened anew: at start, and
+/// on SIGHUP after logrotate has moved the old file away.
+fn open_log(dir: &Path) -> Result<(), String> {
+    let path = dir.join(LOG_FILE);
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&log);
+    // SAFETY: dup2 onto the standard fds; each write of the logger goes
+    // to whichever file they name at that moment.
+    unsafe {
+        libc::dup2(fd, 1);
+        libc::dup2(fd, 2);
     }
     Ok(())
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WPFS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+/// The log filter: the `log=` mount option, else `WPFS_LOG`, else
+/// `RUST_LOG`, else `info`.
+fn init_logging(option: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = option
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .or_else(|| EnvFilter::try_from_env("WPFS_LOG").ok())
+        .or_else(|| EnvFilter::try_from_default_env().ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -238,7 +287,7 @@ fn block_stop_signals() -> libc::sigset_t {
 }
 
 fn run(req: &MountRequest, config: &NodeConfig, reporter: &mut Reporter) -> Result<(), String> {
-    init_logging();
+    init_logging(req.options.log.as_deref());
     let signals = block_stop_signals();
     if req.dir.join(LEFT_FILE).exists() {
         return Err(format!(
@@ -390,19 +439,38 @@ fn run(req: &MountRequest, config: &NodeConfig, reporter: &mut Reporter) -> Resu
         req.dir.display(),
         req.mountpoint.display()
     );
+    let pid_file = req.dir.join(PID_FILE);
+    if let Err(e) = fs::write(&pid_file, format!("{}\n", std::process::id())) {
+        tracing::warn!(
+            "cannot write {}: {e} (logrotate cannot signal this daemon)",
+            pid_file.display()
+        );
+    }
     reporter.report(Ok(()));
+    systemd_notify(sd_notify::NotifyState::Ready);
 
     let mut unmounter = session.unmount_callable();
+    let log_dir = (!req.foreground).then(|| req.dir.clone());
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || loop {
             let mut sig = 0;
             // SAFETY: waits for one of the signals blocked above.
-            if unsafe { libc::sigwait(&signals, &mut sig) } == 0 {
-                tracing::info!("signal {sig}: unmounting");
-                if let Err(e) = unmounter.unmount() {
-                    tracing::error!("unmount failed: {e} (is the mount busy?)");
+            if unsafe { libc::sigwait(&signals, &mut sig) } != 0 {
+                continue;
+            }
+            // A daemon has no terminal to lose: its SIGHUP is logrotate's.
+            if let (libc::SIGHUP, Some(dir)) = (sig, &log_dir) {
+                match open_log(dir) {
+                    Ok(()) => tracing::info!("SIGHUP: reopened {}", dir.join(LOG_FILE).display()),
+                    Err(e) => tracing::error!("SIGHUP: {e}"),
                 }
+                continue;
+            }
+            tracing::info!("signal {sig}: unmounting");
+            systemd_notify(sd_notify::NotifyState::Stopping);
+            if let Err(e) = unmounter.unmount() {
+                tracing::error!("unmount failed: {e} (is the mount busy?)");
             }
         })
         .map_err(|e| e.to_string())?;
@@ -413,7 +481,16 @@ fn run(req: &MountRequest, config: &NodeConfig, reporter: &mut Reporter) -> Resu
     let _ = maintenance.join();
     node.stop();
     tracing::info!("unmounted {}; store closed", req.mountpoint.display());
+    let _ = fs::remove_file(&pid_file);
     served.map_err(|e| format!("FUSE session ended with an error: {e}"))
+}
+
+/// Tells systemd (a `Type=notify` unit) how the daemon is; a no-op
+/// elsewhere.
+fn systemd_notify(state: sd_notify::NotifyState) {
+    if let Err(e) = sd_notify::notify(false, &[state]) {
+        tracing::warn!("cannot notify systemd: {e}");
+    }
 }
 
 /// Waits, before the mount serves anything, until this node has applied

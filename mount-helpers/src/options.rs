@@ -19,6 +19,9 @@ pub struct Options {
     pub copies: usize,
     /// Bytes of the store's disk kept free; new contents get ENOSPC below.
     pub min_free: u64,
+    /// The daemon's log filter (`log=debug`, `log=wpfs_fs=trace`); None
+    /// leaves it to `WPFS_LOG`, then `RUST_LOG`, then `info`.
+    pub log: Option<String>,
 }
 
 impl Default for Options {
@@ -31,6 +34,7 @@ impl Default for Options {
             threads: 8,
             copies: 2,
             min_free: wpfs_fs::space::DEFAULT_MIN_FREE,
+            log: None,
         }
     }
 }
@@ -93,11 +97,20 @@ pub fn parse(list: &[String]) -> Result<Options, String> {
             "copies" => opts.copies = number("nodes")?.clamp(1, 20) as usize,
             "threads" => opts.threads = number("threads")?.clamp(1, 64) as usize,
             "min_free" => opts.min_free = number("MiB")?.saturating_mul(1 << 20),
+            "log" => match value.map(tracing_subscriber::EnvFilter::try_new) {
+                Some(Ok(_)) => opts.log = value.map(str::to_string),
+                _ => {
+                    return Err(format!(
+                        "mount option `{item}`: log needs a level (error, warn, info, debug, trace) \
+                         or a RUST_LOG-style filter without commas"
+                    ))
+                }
+            },
             k if IGNORED.contains(&k) || k.starts_with("x-") || k.starts_with("comment=") => {}
             _ => {
                 return Err(format!(
                     "unknown mount option `{item}` (wpfs knows ro, rw, allow_other, cache_ttl=S, \
-                     write_timeout=S, threads=N, copies=N, min_free=MiB and ignores mount(8)'s \
+                     write_timeout=S, threads=N, copies=N, min_free=MiB, log=LEVEL and ignores mount(8)'s \
                      generic ones)"
                 ))
             }
@@ -137,5 +150,8 @@ mod tests {
         assert!(p("write_timeout=soon")
             .unwrap_err()
             .contains("write_timeout"));
+        assert_eq!(p("log=debug").unwrap().log.as_deref(), Some("debug"));
+        assert!(p("log").unwrap_err().contains("log needs a level"));
+        assert!(p("log=[[").unwrap_err().contains("log needs a level"));
     }
 }

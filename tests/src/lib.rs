@@ -393,7 +393,8 @@ impl Cluster {
         self.nodes.last().unwrap()
     }
 
-    fn add_with(&mut self, id: u64, flags: &[&str]) -> &Node {
+    /// Like `add`, with `flags` for `wpfs join` (`--admin ADDR`, say).
+    pub fn add_with(&mut self, id: u64, flags: &[&str]) -> &Node {
         let node = Node::unmounted(self.lan.as_ref().map(|l| (l, id)));
         let token = self.token.clone();
         node.join(id, &self.first_listen, &token, flags, &[])

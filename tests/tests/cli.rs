@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use wpfs_tests::{
     bin_dir, daemon_of, fuse_available, init, local_dir, port, run_ok, s, wait_gone, wait_until,
-    wpfs, wpfs_ok, Node, UnmountOnDrop,
+    wpfs, wpfs_ok, Cluster, Node, UnmountOnDrop,
 };
 
 fn stderr_of(args: &[&str]) -> String {
@@ -192,9 +192,9 @@ fn mount_wpfs_takes_fstab_options() {
     ]));
     let _guard = UnmountOnDrop(mnt.clone());
     wpfs_tests::write_file(mnt.join("hello"), b"fstab").unwrap();
-    // fuser mounts with type "fuse" (no subtype); the source is the data dir.
+    // The mount's type names it (`findmnt -t fuse.wpfs`); its source is the data dir.
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
-    let line = format!("{} {} fuse ", s(&data), s(&mnt));
+    let line = format!("{} {} fuse.wpfs ", s(&data), s(&mnt));
     assert!(
         mounts.lines().any(|l| l.starts_with(&line)),
         "{line} not in /proc/mounts:\n{mounts}"
@@ -293,4 +293,143 @@ fn http(addr: &str, request_line: &str) -> (u16, String) {
     let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
     let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok());
     (status.expect("a status code"), body.to_string())
+}
+
+/// Every node, not only the first, has an admin address a load balancer
+/// and Prometheus can ask: `wpfs join --admin`, or `wpfs config --admin`
+/// on an existing node (applied at its next mount; `none` clears it).
+#[test]
+fn every_node_has_an_admin_address_of_its_own() {
+    if !fuse_available() {
+        return;
+    }
+    let mut cluster = Cluster::start(1);
+    let admins: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", port())).collect();
+    let first = cluster.node(1);
+    let said = wpfs_ok(&["config", "--data", s(&first.data), "--admin", &admins[0]]);
+    assert!(said.contains("next mount"), "{said}");
+    first.unmount();
+    first.mount();
+    for id in 2..=3 {
+        cluster.add_with(id, &["--admin", &admins[id as usize - 1]]);
+    }
+    cluster.wait_for_voters(3);
+    std::fs::write(cluster.node(2).path("hello.txt"), b"hello").unwrap();
+    for admin in &admins {
+        assert_eq!(
+            http(admin, "GET /health"),
+            (200, "ok\n".to_string()),
+            "{admin}"
+        );
+        let (status, metrics) = http(admin, "GET /metrics");
+        assert_eq!(status, 200, "{admin}");
+        assert!(metrics.contains("wpfs_healthy 1\n"), "{admin}:\n{metrics}");
+        assert_eq!(http(admin, "POST /leave").0, 400, "{admin}");
+    }
+
+    let third = cluster.node(3);
+    let bad = wpfs(&["config", "--data", s(&third.data), "--admin", "nowhere"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("HOST:PORT"));
+    wpfs_ok(&["config", "--data", s(&third.data), "--admin", "none"]);
+    third.unmount();
+    third.mount();
+    assert!(
+        std::net::TcpStream::connect(&admins[2]).is_err(),
+        "node 3 still serves {} after `wpfs config --admin none`",
+        admins[2]
+    );
+    assert_eq!(std::fs::read(third.path("hello.txt")).unwrap(), b"hello");
+}
+
+/// What an operator's tools see of a mount: its type is `fuse.wpfs` with
+/// the data directory as its source, `-o log=` sets the daemon's level,
+/// the daemon's pid is in DIR/wpfs.pid, and SIGHUP (logrotate's
+/// postrotate) makes it write to a fresh DIR/wpfs.log.
+#[test]
+fn a_mount_names_itself_and_reopens_its_log_on_sighup() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = local_dir();
+    let (data, mnt) = (tmp.path().join("d"), tmp.path().join("m"));
+    std::fs::create_dir(&mnt).unwrap();
+    init(&data);
+    wpfs_ok(&["mount", s(&data), s(&mnt), "-o", "log=warn"]);
+    let guard = UnmountOnDrop(mnt.clone());
+    let listed = run_ok(
+        Command::new("findmnt")
+            .args(["-t", "fuse.wpfs", "-n", "-o", "SOURCE"])
+            .arg(&mnt),
+    );
+    let data = std::fs::canonicalize(&data).unwrap();
+    assert_eq!(listed.trim(), s(&data));
+    let log = std::fs::read_to_string(data.join("wpfs.log")).unwrap();
+    assert!(
+        !log.contains(" INFO "),
+        "log=warn still logs INFO lines:\n{log}"
+    );
+    run_ok(Command::new("umount").arg(&mnt));
+    wait_until(
+        Duration::from_secs(30),
+        "the daemon to remove wpfs.pid",
+        || !data.join("wpfs.pid").exists(),
+    );
+
+    wpfs_ok(&["mount", s(&data), s(&mnt)]);
+    let pid = pid_of(&data);
+    let status: serde_json::Value =
+        serde_json::from_str(&wpfs_ok(&["status", "--data", s(&data), "--json"])).unwrap();
+    assert_eq!(status["pid"], pid);
+    std::fs::rename(data.join("wpfs.log"), data.join("wpfs.log.1")).unwrap();
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    wait_until(
+        Duration::from_secs(10),
+        "a new wpfs.log after SIGHUP",
+        || std::fs::read_to_string(data.join("wpfs.log")).is_ok_and(|l| l.contains("reopened")),
+    );
+    std::fs::write(mnt.join("after-hup"), b"still serving").unwrap();
+    assert_eq!(
+        std::fs::read(mnt.join("after-hup")).unwrap(),
+        b"still serving"
+    );
+    drop(guard);
+    assert!(wait_gone(pid, Duration::from_secs(30)));
+    let log = std::fs::read_to_string(data.join("wpfs.log")).unwrap();
+    assert!(
+        log.contains("unmounted"),
+        "the last lines went elsewhere:\n{log}"
+    );
+}
+
+/// A daemon killed with -9 leaves a dead mount (ENOTCONN on every access):
+/// the next `wpfs mount` detaches it and serves what was written.
+#[test]
+fn a_mount_after_a_killed_daemon_clears_the_dead_mount() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = local_dir();
+    let (data, mnt) = (tmp.path().join("d"), tmp.path().join("m"));
+    std::fs::create_dir(&mnt).unwrap();
+    init(&data);
+    wpfs_ok(&["mount", s(&data), s(&mnt)]);
+    let _guard = UnmountOnDrop(mnt.clone());
+    std::fs::write(mnt.join("kept"), b"kept").unwrap();
+    let pid = pid_of(&data);
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert!(wait_gone(pid, Duration::from_secs(30)));
+    let dead = std::fs::metadata(&mnt).unwrap_err();
+    assert_eq!(dead.raw_os_error(), Some(libc::ENOTCONN), "{dead}");
+    let out = wpfs(&["mount", s(&data), s(&mnt)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("dead mount"), "{err}");
+    assert_eq!(std::fs::read(mnt.join("kept")).unwrap(), b"kept");
+}
+
+/// The running daemon's pid, from DIR/wpfs.pid.
+fn pid_of(data: &std::path::Path) -> i32 {
+    let text = std::fs::read_to_string(data.join("wpfs.pid")).expect("DIR/wpfs.pid");
+    text.trim().parse().expect("a pid in wpfs.pid")
 }

@@ -27,6 +27,7 @@ enum Command {
         node_id: u64,
         #[arg(long)]
         listen: String,
+        /// HTTP address for /health, /metrics and /status (e.g. 127.0.0.1:7401).
         #[arg(long)]
         admin: Option<String>,
     },
@@ -45,6 +46,17 @@ enum Command {
         /// Vote without storing file contents (a third vote for two web nodes).
         #[arg(long)]
         witness: bool,
+        /// HTTP address for /health, /metrics and /status (e.g. 127.0.0.1:7401).
+        #[arg(long)]
+        admin: Option<String>,
+    },
+    /// Change a node's settings; they apply from its next mount.
+    Config {
+        #[arg(long, default_value = "/var/lib/wpfs")]
+        data: PathBuf,
+        /// HOST:PORT for /health, /metrics and /status, or `none`.
+        #[arg(long)]
+        admin: String,
     },
     /// Run the node and mount its tree (daemonizes unless --foreground).
     Mount {
@@ -109,8 +121,17 @@ fn run(cli: Cli) -> Result<(), String> {
             peer,
             token,
             witness,
+            admin,
         } => {
-            commands::join(&data, node_id, &listen, &peer, &token, witness)?;
+            commands::join(
+                &data,
+                node_id,
+                &listen,
+                &peer,
+                &token,
+                witness,
+                admin.as_deref(),
+            )?;
             let what = if witness { "witness node" } else { "node" };
             println!(
                 "prepared {what} {node_id} in {} to join via {peer}",
@@ -129,6 +150,10 @@ fn run(cli: Cli) -> Result<(), String> {
             options: options::parse(&options)?,
             foreground,
         }),
+        Command::Config { data, admin } => {
+            print!("{}", commands::set_admin(&data, &admin)?);
+            Ok(())
+        }
         Command::Status { data, json } => {
             let s = commands::status(&data)?;
             if json {
@@ -156,7 +181,8 @@ fn run(cli: Cli) -> Result<(), String> {
 fn main() -> ExitCode {
     let mut args = std::env::args();
     let called_as = args.next().unwrap_or_default();
-    if called_as.rsplit('/').next() == Some("mount.wpfs") {
+    // mount(8) runs `mount.wpfs` for fstab type `wpfs`, `mount.fuse.wpfs` for `fuse.wpfs`.
+    if let Some("mount.wpfs" | "mount.fuse.wpfs") = called_as.rsplit('/').next() {
         return mount_helper::main(&args.collect::<Vec<_>>());
     }
     match run(Cli::parse()) {

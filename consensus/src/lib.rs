@@ -23,7 +23,7 @@ pub use namespace::{Namespace, CHUNK_SIZE, ROOT_INO};
 pub use node::{ApplyObserver, Node, NodeConfig, ProposeError, RaftStatus};
 pub use raft::eraftpb::ConfChangeType;
 pub use store::{Store, StoreError};
-pub use transport::{Transport, TransportConfig};
+pub use transport::{this_version, Transport, TransportConfig};
 
 /// Creates the store of a brand-new one-voter cluster at `path`: the
 /// Raft configuration, the first member's address and the root directory.

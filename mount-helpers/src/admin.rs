@@ -90,6 +90,7 @@ impl AdminState {
                     "match_index": progress.map(|p| p.matched),
                     "replication": progress.map(|p| p.state.clone()),
                     "last_error": link.and_then(|l| l.last_error.clone()),
+                    "version": if id == me { Some(wpfs_consensus::this_version()) } else { link.and_then(|l| l.version.clone()) },
                 })
             })
             .collect()

@@ -249,12 +249,13 @@ fn member_line(m: &Value) -> String {
         v => v.to_string(),
     };
     format!(
-        "member {:<7} {:<22} {:<8} reachable={:<5} match={}\n",
+        "member {:<7} {:<22} {:<8} reachable={:<5} match={:<8} version={}\n",
         text("id"),
         text("address"),
         text("role"),
         text("reachable"),
-        text("match_index")
+        text("match_index"),
+        text("version")
     )
 }
 

@@ -2,7 +2,9 @@
 #
 #   sudo make demo      install build deps, build, run a 3-node wpfs cluster mounted at /tmp/wpfs-demo/mnt{1,2,3}
 #   sudo make test      install build deps, build, run every test (what .ci/run runs)
-#   sudo make install   put wpfs in /usr/local/bin and mount.wpfs in /sbin (for fstab)
+#   sudo make install   put wpfs in /usr/local/bin, mount.wpfs in /sbin (for fstab),
+#                       the systemd unit and the logrotate snippet in /etc
+#   make deb            build the Debian package into $(TARGET)/deb (packaging/build-deb.sh)
 #
 # The build goes to /var/tmp/wpfs-target (.cargo/config.toml); ccache keeps
 # RocksDB's C++ build (17-33 min cold on 2 cores) to about half a minute warm.
@@ -14,12 +16,12 @@ DEMO ?= /tmp/wpfs-demo
 export CC := ccache cc
 export CXX := ccache c++
 
-.PHONY: deps build demo test lint test-rust conformance install clean-demo
+.PHONY: deps build demo test lint test-rust conformance install deb clean-demo
 
 deps:
-	@if ! dpkg -s fuse3 libclang-dev ccache protobuf-compiler wordpress iproute2 >/dev/null 2>&1; then \
+	@if ! dpkg -s fuse3 libclang-dev ccache protobuf-compiler wordpress iproute2 logrotate >/dev/null 2>&1; then \
 	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-	    fuse3 libclang-dev clang ccache protobuf-compiler pkg-config wordpress diffutils util-linux iproute2; \
+	    fuse3 libclang-dev clang ccache protobuf-compiler pkg-config wordpress diffutils util-linux iproute2 logrotate; \
 	fi
 
 build: deps
@@ -61,7 +63,18 @@ test-rust:
 conformance: build
 	tests/conformance.sh $(BIN)
 
+# The same files as the package, under /usr/local and /etc; an existing
+# /etc/default/wpfs is kept.
 install: build
 	install -m 0755 $(BIN)/wpfs /usr/local/bin/wpfs
 	ln -sf /usr/local/bin/wpfs /sbin/mount.wpfs
-	@echo "installed; fstab: /var/lib/wpfs  /var/www/html/wp-content  wpfs  defaults,_netdev,allow_other  0 0"
+	ln -sf /usr/local/bin/wpfs /sbin/mount.fuse.wpfs
+	sed 's|/usr/bin/wpfs|/usr/local/bin/wpfs|' packaging/wpfs.service > /etc/systemd/system/wpfs.service
+	install -m 0644 packaging/wpfs.logrotate /etc/logrotate.d/wpfs
+	[ -e /etc/default/wpfs ] || install -m 0644 packaging/wpfs.default /etc/default/wpfs
+	-[ -d /run/systemd/system ] && systemctl daemon-reload
+	@echo "installed; fstab: /var/lib/wpfs  /var/www/html/wp-content  fuse.wpfs  _netdev,nofail,allow_other,x-systemd.requires=network-online.target  0 0"
+	@echo "or the unit: edit /etc/default/wpfs, then systemctl enable --now wpfs"
+
+deb: build
+	packaging/build-deb.sh $(BIN)/wpfs $(TARGET)/deb

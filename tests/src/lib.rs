@@ -135,8 +135,9 @@ pub fn init(data: &Path) -> String {
     )
 }
 
-/// `wpfs init` through `wpfs`, a command to which the arguments are added.
-fn init_with(mut wpfs: Command, data: &Path, listen: &str) -> String {
+/// `wpfs init` through `wpfs` (the built binary, an installed one, or
+/// either in a network namespace), a command to which the arguments are added.
+pub fn init_with(mut wpfs: Command, data: &Path, listen: &str) -> String {
     run_ok(wpfs.args([
         "init",
         "--data",
@@ -263,6 +264,28 @@ impl Node {
         if let Some(pid) = pid {
             wait_gone(pid, Duration::from_secs(30));
         }
+    }
+
+    /// The network namespace the daemon runs in (`nsenter --net=`), on a `Lan`.
+    pub fn netns(&self) -> Option<&str> {
+        self.netns.as_deref()
+    }
+
+    /// The daemon's pid, from DIR/wpfs.pid (what logrotate signals).
+    pub fn pid_from_file(&self) -> i32 {
+        let text = std::fs::read_to_string(self.data.join("wpfs.pid")).expect("DIR/wpfs.pid");
+        text.trim().parse().expect("a pid in wpfs.pid")
+    }
+
+    /// Waits until the daemon, told to reopen its log (SIGHUP), writes to
+    /// a new DIR/wpfs.log.
+    pub fn wait_for_reopened_log(&self) {
+        let log = self.data.join("wpfs.log");
+        wait_until(
+            Duration::from_secs(10),
+            "the daemon to write a new wpfs.log",
+            || std::fs::read_to_string(&log).is_ok_and(|l| l.contains("reopened")),
+        );
     }
 
     /// The daemon's pid, from its status endpoint.

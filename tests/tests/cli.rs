@@ -342,6 +342,73 @@ fn every_node_has_an_admin_address_of_its_own() {
     assert_eq!(std::fs::read(third.path("hello.txt")).unwrap(), b"hello");
 }
 
+/// A load balancer's view of three nodes, each with its own admin
+/// address: /health is 200 on each; a node cut off from the other two
+/// answers 503 with the reason within seconds while they stay 200, and
+/// 200 again once its network is back.
+#[test]
+fn health_is_503_with_the_reason_on_a_node_cut_off_from_the_majority() {
+    if !fuse_available() {
+        return;
+    }
+    let Some(mut cluster) = Cluster::start_partitionable(1) else {
+        return;
+    };
+    // Loopback inside each node's own network namespace.
+    let admins: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", port())).collect();
+    let first = cluster.node(1);
+    wpfs_ok(&["config", "--data", s(&first.data), "--admin", &admins[0]]);
+    first.unmount();
+    first.mount();
+    for id in 2..=3 {
+        cluster.add_with(id, &["--admin", &admins[id as usize - 1]]);
+    }
+    cluster.wait_for_voters(3);
+    let health = |id: u64| http_on(cluster.node(id), &admins[id as usize - 1], "GET /health");
+    for id in 1..=3 {
+        assert_eq!(health(id), (200, "ok\n".to_string()), "node {id}");
+    }
+
+    let lan = cluster.lan.as_ref().expect("a partitionable cluster");
+    lan.cut(3);
+    wait_until(
+        Duration::from_secs(15),
+        "node 3 to report itself degraded",
+        || health(3).0 == 503,
+    );
+    let (_, why) = health(3);
+    assert!(why.starts_with("degraded: no Raft leader"), "{why}");
+    for id in 1..=2 {
+        wait_until(
+            Duration::from_secs(15),
+            &format!("node {id} to be healthy"),
+            || health(id).0 == 200,
+        );
+    }
+    lan.heal(3);
+    wait_until(
+        Duration::from_secs(15),
+        "node 3 to be healthy again",
+        || health(3).0 == 200,
+    );
+}
+
+/// `http` from inside `node`'s network namespace (a thread of its own
+/// enters it: `setns` moves only the calling thread).
+fn http_on(node: &Node, addr: &str, request_line: &str) -> (u16, String) {
+    use std::os::fd::AsRawFd;
+    let ns = node.netns().expect("a host of a Lan").to_string();
+    let (addr, line) = (addr.to_string(), request_line.to_string());
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(&ns).unwrap();
+        // SAFETY: a valid namespace fd; only this thread changes namespace.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        http(&addr, &line)
+    })
+    .join()
+    .expect("the request thread")
+}
+
 /// What an operator's tools see of a mount: its type is `fuse.wpfs` with
 /// the data directory as its source, `-o log=` sets the daemon's level,
 /// the daemon's pid is in DIR/wpfs.pid, and SIGHUP (logrotate's
@@ -351,50 +418,37 @@ fn a_mount_names_itself_and_reopens_its_log_on_sighup() {
     if !fuse_available() {
         return;
     }
-    let tmp = local_dir();
-    let (data, mnt) = (tmp.path().join("d"), tmp.path().join("m"));
-    std::fs::create_dir(&mnt).unwrap();
-    init(&data);
-    wpfs_ok(&["mount", s(&data), s(&mnt), "-o", "log=warn"]);
-    let guard = UnmountOnDrop(mnt.clone());
+    let node = Node::single_with(&["log=warn"]);
     let listed = run_ok(
         Command::new("findmnt")
             .args(["-t", "fuse.wpfs", "-n", "-o", "SOURCE"])
-            .arg(&mnt),
+            .arg(&node.mnt),
     );
-    let data = std::fs::canonicalize(&data).unwrap();
+    let data = std::fs::canonicalize(&node.data).unwrap();
     assert_eq!(listed.trim(), s(&data));
     let log = std::fs::read_to_string(data.join("wpfs.log")).unwrap();
     assert!(
         !log.contains(" INFO "),
         "log=warn still logs INFO lines:\n{log}"
     );
-    run_ok(Command::new("umount").arg(&mnt));
-    wait_until(
-        Duration::from_secs(30),
-        "the daemon to remove wpfs.pid",
-        || !data.join("wpfs.pid").exists(),
+    node.unmount();
+    assert!(
+        !data.join("wpfs.pid").exists(),
+        "a stopped daemon left wpfs.pid"
     );
 
-    wpfs_ok(&["mount", s(&data), s(&mnt)]);
-    let pid = pid_of(&data);
-    let status: serde_json::Value =
-        serde_json::from_str(&wpfs_ok(&["status", "--data", s(&data), "--json"])).unwrap();
-    assert_eq!(status["pid"], pid);
+    node.mount();
+    let pid = node.pid_from_file();
+    assert_eq!(node.pid(), Some(pid));
     std::fs::rename(data.join("wpfs.log"), data.join("wpfs.log.1")).unwrap();
     unsafe { libc::kill(pid, libc::SIGHUP) };
-    wait_until(
-        Duration::from_secs(10),
-        "a new wpfs.log after SIGHUP",
-        || std::fs::read_to_string(data.join("wpfs.log")).is_ok_and(|l| l.contains("reopened")),
-    );
-    std::fs::write(mnt.join("after-hup"), b"still serving").unwrap();
+    node.wait_for_reopened_log();
+    std::fs::write(node.path("after-hup"), b"still serving").unwrap();
     assert_eq!(
-        std::fs::read(mnt.join("after-hup")).unwrap(),
+        std::fs::read(node.path("after-hup")).unwrap(),
         b"still serving"
     );
-    drop(guard);
-    assert!(wait_gone(pid, Duration::from_secs(30)));
+    node.unmount();
     let log = std::fs::read_to_string(data.join("wpfs.log")).unwrap();
     assert!(
         log.contains("unmounted"),
@@ -409,27 +463,16 @@ fn a_mount_after_a_killed_daemon_clears_the_dead_mount() {
     if !fuse_available() {
         return;
     }
-    let tmp = local_dir();
-    let (data, mnt) = (tmp.path().join("d"), tmp.path().join("m"));
-    std::fs::create_dir(&mnt).unwrap();
-    init(&data);
-    wpfs_ok(&["mount", s(&data), s(&mnt)]);
-    let _guard = UnmountOnDrop(mnt.clone());
-    std::fs::write(mnt.join("kept"), b"kept").unwrap();
-    let pid = pid_of(&data);
+    let node = Node::single();
+    std::fs::write(node.path("kept"), b"kept").unwrap();
+    let pid = node.pid_from_file();
     unsafe { libc::kill(pid, libc::SIGKILL) };
     assert!(wait_gone(pid, Duration::from_secs(30)));
-    let dead = std::fs::metadata(&mnt).unwrap_err();
+    let dead = std::fs::metadata(&node.mnt).unwrap_err();
     assert_eq!(dead.raw_os_error(), Some(libc::ENOTCONN), "{dead}");
-    let out = wpfs(&["mount", s(&data), s(&mnt)]);
+    let out = wpfs(&["mount", s(&node.data), s(&node.mnt)]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("dead mount"), "{err}");
-    assert_eq!(std::fs::read(mnt.join("kept")).unwrap(), b"kept");
-}
-
-/// The running daemon's pid, from DIR/wpfs.pid.
-fn pid_of(data: &std::path::Path) -> i32 {
-    let text = std::fs::read_to_string(data.join("wpfs.pid")).expect("DIR/wpfs.pid");
-    text.trim().parse().expect("a pid in wpfs.pid")
+    assert_eq!(std::fs::read(node.path("kept")).unwrap(), b"kept");
 }

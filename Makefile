@@ -19,9 +19,9 @@ export CXX := ccache c++
 .PHONY: deps build demo test lint test-rust conformance install deb clean-demo
 
 deps:
-	@if ! dpkg -s fuse3 libclang-dev ccache protobuf-compiler wordpress iproute2 logrotate >/dev/null 2>&1; then \
+	@if ! dpkg -s fuse3 libclang-dev ccache protobuf-compiler wordpress iproute2 logrotate systemd >/dev/null 2>&1; then \
 	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-	    fuse3 libclang-dev clang ccache protobuf-compiler pkg-config wordpress diffutils util-linux iproute2 logrotate; \
+	    fuse3 libclang-dev clang ccache protobuf-compiler pkg-config wordpress diffutils util-linux iproute2 logrotate systemd; \
 	fi
 
 build: deps
@@ -69,6 +69,7 @@ install: build
 	install -m 0755 $(BIN)/wpfs /usr/local/bin/wpfs
 	ln -sf /usr/local/bin/wpfs /sbin/mount.wpfs
 	ln -sf /usr/local/bin/wpfs /sbin/mount.fuse.wpfs
+	install -d /etc/systemd/system /etc/logrotate.d
 	sed 's|/usr/bin/wpfs|/usr/local/bin/wpfs|' packaging/wpfs.service > /etc/systemd/system/wpfs.service
 	install -m 0644 packaging/wpfs.logrotate /etc/logrotate.d/wpfs
 	[ -e /etc/default/wpfs ] || install -m 0644 packaging/wpfs.default /etc/default/wpfs

@@ -37,8 +37,23 @@ for script in postinst postrm; do
     > "$stage/DEBIAN/$script"
   chmod 0755 "$stage/DEBIAN/$script"
 done
+# On removal (not on an upgrade: a running node keeps its build until it is
+# restarted, one node at a time) stop the unit, which unmounts cleanly.
+# Nodes mounted from /etc/fstab run on until unmounted.
+printf '#!/bin/sh\nset -e\nif [ "$1" = remove ] && [ -d /run/systemd/system ]; then systemctl stop wpfs.service || true; fi\n' \
+  > "$stage/DEBIAN/prerm"
+chmod 0755 "$stage/DEBIAN/prerm"
 # ldd of the binary: libc, libm, libstdc++ and libgcc_s (RocksDB is C++,
 # linked in statically); fuse3 brings /dev/fuse's tools and fuse.conf.
+# The lowest versions: from the newest symbol versions the binary uses.
+newest() { objdump -T "$bin" | grep -o "$1[0-9.]*" | sed "s/^$1//" | sort -uV | tail -n 1; }
+glibc=$(newest GLIBC_)
+case $(newest GLIBCXX_) in # libstdc++'s symbol version -> the GCC that brought it
+  3.4.3[0-9]*) stdcxx=" (>= 12)" ;;
+  3.4.29) stdcxx=" (>= 11)" ;;
+  3.4.28) stdcxx=" (>= 10)" ;;
+  *) stdcxx="" ;;
+esac
 cat > "$stage/DEBIAN/control" <<CONTROL
 Package: wpfs
 Version: $version
@@ -46,7 +61,7 @@ Architecture: $arch
 Maintainer: wpfs developers <wpfs@localhost>
 Section: admin
 Priority: optional
-Depends: fuse3, libc6, libstdc++6, libgcc-s1
+Depends: fuse3, libc6${glibc:+ (>= $glibc)}, libstdc++6$stdcxx, libgcc-s1
 Recommends: logrotate
 Installed-Size: $(du -sk "$stage" | cut -f1)
 Description: replicated filesystem for WordPress wp-content

@@ -49,7 +49,6 @@ const RECONNECT_DELAY: Duration = Duration::from_millis(200);
 /// A link to an address that no member has any more (a removed node's, a
 /// join's first peer) stops dialing once unused this long.
 const UNUSED_LINK_KEPT: Duration = Duration::from_secs(10);
-/// In the error of a call to a peer that refused this node's credentials.
 /// The peer protocol this build speaks. Raise it when a message changes
 /// meaning; a new field does not count (prost skips fields it does not
 /// know, so older nodes read newer messages). Raise `MIN_PROTOCOL` when
@@ -64,6 +63,7 @@ pub fn this_version() -> String {
     format!("{VERSION} (protocol {PROTOCOL})")
 }
 
+/// In the error of a call to a peer that refused this node's credentials.
 pub const REFUSED: &str =
     "refused by the peer: this node's cluster id or secret is not its cluster's";
 
@@ -524,13 +524,9 @@ impl Inner {
             }) if self.verify(&h, &nonce) => h,
             Ok(_) => {
                 tracing::warn!("refused a peer connection from {from}: it failed authentication (wrong cluster or join token)");
-                // An empty hello tells an honest but misconfigured node why.
-                let _ = write_frame(
-                    &stream,
-                    &PeerFrame {
-                        body: Some(Body::Hello(Hello::default())),
-                    },
-                );
+                // No reason given: the dialer says REFUSED, what an honest
+                // but misconfigured node needs to hear.
+                refuse(&stream, String::new());
                 return Err("authentication failed".into());
             }
             Err(e) => {
@@ -540,16 +536,7 @@ impl Inner {
         };
         if let Some(why) = incompatible(&hello, MIN_PROTOCOL) {
             tracing::warn!("refused a peer connection from {from}: {why}");
-            let refusal = Hello {
-                refused: why.clone(),
-                ..Hello::default()
-            };
-            let _ = write_frame(
-                &stream,
-                &PeerFrame {
-                    body: Some(Body::Hello(refusal)),
-                },
-            );
+            refuse(&stream, why.clone());
             return Err(why);
         }
         let peer = hello.node_id;
@@ -752,7 +739,20 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// A frame as it goes on the wire: its length, then its bytes.
+/// Answers a dialer's hello with a refusal: node id 0, and why.
+fn refuse(stream: &TlsStream, refused: String) {
+    let hello = Hello {
+        refused,
+        ..Hello::default()
+    };
+    let _ = write_frame(
+        stream,
+        &PeerFrame {
+            body: Some(Body::Hello(hello)),
+        },
+    );
+}
+
 /// The peer protocol a hello names; one sent before versions were
 /// exchanged has none and spoke protocol 1.
 fn protocol_of(hello: &Hello) -> u32 {
@@ -799,12 +799,15 @@ fn unknown_field() -> &'static [u8] {
     })
 }
 
+/// A frame as it goes on the wire: its length, then its bytes, encoded
+/// in place (a frame can hold a 4 MiB chunk: no second copy).
 fn framed(frame: &PeerFrame) -> Vec<u8> {
-    let mut body = frame.encode_to_vec();
-    body.extend_from_slice(unknown_field());
-    let mut out = Vec::with_capacity(4 + body.len());
-    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    out.extend_from_slice(&body);
+    let extra = unknown_field();
+    let len = frame.encoded_len() + extra.len();
+    let mut out = Vec::with_capacity(4 + len);
+    out.extend_from_slice(&(len as u32).to_be_bytes());
+    frame.encode(&mut out).expect("a Vec grows to any frame");
+    out.extend_from_slice(extra);
     out
 }
 

@@ -135,6 +135,12 @@ pub fn init(data: &Path) -> String {
     )
 }
 
+/// The pid a running daemon of data directory `data` wrote to DIR/wpfs.pid.
+pub fn pid_file(data: &Path) -> i32 {
+    let text = std::fs::read_to_string(data.join("wpfs.pid")).expect("DIR/wpfs.pid");
+    text.trim().parse().expect("a pid in wpfs.pid")
+}
+
 /// `wpfs init` through `wpfs` (the built binary, an installed one, or
 /// either in a network namespace), a command to which the arguments are added.
 pub fn init_with(mut wpfs: Command, data: &Path, listen: &str) -> String {
@@ -273,8 +279,7 @@ impl Node {
 
     /// The daemon's pid, from DIR/wpfs.pid (what logrotate signals).
     pub fn pid_from_file(&self) -> i32 {
-        let text = std::fs::read_to_string(self.data.join("wpfs.pid")).expect("DIR/wpfs.pid");
-        text.trim().parse().expect("a pid in wpfs.pid")
+        pid_file(&self.data)
     }
 
     /// Waits until the daemon, told to reopen its log (SIGHUP), writes to

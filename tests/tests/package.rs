@@ -160,11 +160,7 @@ fn the_package_installs_mounts_from_fstab_and_removes_cleanly() {
             .arg(&mnt),
     );
     assert_eq!(listed.trim(), s(&std::fs::canonicalize(&data).unwrap()));
-    let pid: i32 = std::fs::read_to_string(data.join("wpfs.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let pid = wpfs_tests::pid_file(&data);
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
     assert_eq!(
         exe,

@@ -7,10 +7,12 @@
 //! - `node`: the driver thread running the RawNode loop and taking proposals;
 //! - `snapshot`: the namespace as a file, for nodes that fell behind the log;
 //! - `transport`: the links between the nodes; `tls`: their mutual TLS;
-//! - `mailbox`: the queues between threads.
+//! - `mailbox`: the queues between threads;
+//! - `metrics`: the driver's latency histograms, and the buckets every latency uses.
 
 mod logger;
 pub mod mailbox;
+pub mod metrics;
 pub mod namespace;
 pub mod node;
 pub mod raft_log;

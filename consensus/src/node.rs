@@ -57,6 +57,7 @@ use raft::{ProgressState, RawNode, SnapshotStatus, StateRole};
 use rocksdb::{WriteBatch, WriteOptions};
 use wpfs_proto::{Command, Member, Message, Op, Outcome, SnapshotRef};
 
+use crate::metrics::{self, RaftMetrics};
 use crate::namespace::Namespace;
 use crate::raft_log::RaftLog;
 use crate::snapshot;
@@ -168,6 +169,7 @@ enum Request {
     Propose {
         cmd: Command,
         durable: bool,
+        proposed: Instant,
         deadline: Instant,
         reply: Reply<Outcome>,
     },
@@ -206,6 +208,7 @@ pub struct Node {
     shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<()>>>,
     next_request: std::sync::atomic::AtomicU64,
+    metrics: RaftMetrics,
 }
 
 impl Node {
@@ -256,6 +259,7 @@ impl Node {
             observer: Mutex::new(None),
         });
         let (tx, rx) = mailbox::unbounded();
+        let metrics = RaftMetrics::default();
         let driver = Driver {
             inbox: Some(rx.clone()),
             asleep_until: None,
@@ -282,6 +286,7 @@ impl Node {
             untold_since: None,
             announce_now: false,
             config: config.clone(),
+            metrics: metrics.clone(),
         };
         let driver = Arc::new(Mutex::new(driver));
         let thread = {
@@ -302,11 +307,17 @@ impl Node {
             shared,
             thread: Mutex::new(Some(thread)),
             next_request: std::sync::atomic::AtomicU64::new(seed),
+            metrics,
         })
     }
 
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// The driver's latency histograms (shared handles).
+    pub fn metrics(&self) -> &RaftMetrics {
+        &self.metrics
     }
 
     /// Proposes `op` and waits until it is applied on this node, at most
@@ -329,10 +340,12 @@ impl Node {
             op: Some(op),
         };
         let (reply, rx) = mailbox::bounded(1);
+        let now = Instant::now();
         self.submit(Request::Propose {
             cmd,
             durable,
-            deadline: Instant::now() + timeout,
+            proposed: now,
+            deadline: now + timeout,
             reply,
         })?;
         wait(&rx, timeout + ANSWER_GRACE)
@@ -468,6 +481,8 @@ impl Drop for Node {
 struct Pending {
     cmd: Command,
     durable: bool,
+    /// When `Node::propose` was called.
+    proposed: Instant,
     deadline: Instant,
     /// When it last went to Raft; `None` while there was no leader.
     sent: Option<Instant>,
@@ -519,6 +534,7 @@ struct Driver {
     /// of it (or were sent it).
     snapshot_sent: HashMap<u64, Instant>,
     config: NodeConfig,
+    metrics: RaftMetrics,
 }
 
 impl Driver {
@@ -616,6 +632,7 @@ impl Driver {
             Request::Propose {
                 cmd,
                 durable,
+                proposed,
                 deadline,
                 reply,
             } => {
@@ -625,6 +642,7 @@ impl Driver {
                     Pending {
                         cmd,
                         durable,
+                        proposed,
                         deadline,
                         sent: None,
                         reply,
@@ -1000,24 +1018,30 @@ impl Driver {
     }
 
     fn apply(&mut self, entries: Vec<Entry>) -> Result<(), String> {
+        let committed_at = Instant::now();
         for entry in entries {
             let (index, term) = (entry.index, entry.term);
             let result = match entry.get_entry_type() {
                 EntryType::EntryNormal if entry.data.is_empty() => {
                     self.namespace.apply_nothing(index, term)
                 }
-                EntryType::EntryNormal => self.apply_command(&entry),
+                EntryType::EntryNormal => self.apply_command(&entry, committed_at),
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
                     self.apply_conf_change(&entry)?;
                     Ok(())
                 }
             };
             result.map_err(|e| format!("applying log entry {index}: {e}"))?;
+            metrics::observe(&self.metrics.commit_to_apply, committed_at.elapsed());
         }
         Ok(())
     }
 
-    fn apply_command(&mut self, entry: &Entry) -> crate::namespace::Result<()> {
+    fn apply_command(
+        &mut self,
+        entry: &Entry,
+        committed_at: Instant,
+    ) -> crate::namespace::Result<()> {
         let cmd = match Command::decode(&entry.data[..]) {
             Ok(cmd) => cmd,
             Err(e) => {
@@ -1043,6 +1067,8 @@ impl Driver {
         }
         if cmd.node_id == self.id {
             if let Some(p) = self.pending.remove(&cmd.request_id) {
+                let waited = committed_at.saturating_duration_since(p.proposed);
+                metrics::observe(&self.metrics.propose_to_commit, waited);
                 let _ = p.reply.send(Ok(outcome));
             }
         } else {

@@ -1,5 +1,5 @@
 //! The FUSE layer: translates kernel requests into `FsCore` calls and
-//! results into replies. Nothing is decided here.
+//! results into replies, timing each (`metrics`). Nothing is decided here.
 //!
 //! Caching: every change this node makes goes through this mount, so the
 //! kernel's caches stay right with long TTLs (the kernel invalidates what
@@ -25,16 +25,28 @@ use wpfs_proto::{FileKind, Inode};
 
 use crate::core::{Caller, FsCore, NewNode, SetAttrs, SetTime};
 use crate::kernel_refs::KernelRefs;
+use crate::metrics::FuseMetrics;
 
 pub struct WpFs {
     core: Arc<FsCore>,
     refs: Arc<KernelRefs>,
     ttl: Duration,
+    metrics: FuseMetrics,
 }
 
 impl WpFs {
-    pub fn new(core: Arc<FsCore>, refs: Arc<KernelRefs>, ttl: Duration) -> Self {
-        WpFs { core, refs, ttl }
+    pub fn new(
+        core: Arc<FsCore>,
+        refs: Arc<KernelRefs>,
+        ttl: Duration,
+        metrics: FuseMetrics,
+    ) -> Self {
+        WpFs {
+            core,
+            refs,
+            ttl,
+            metrics,
+        }
     }
 
     /// Replies with an entry the kernel may keep: it holds the inode then.
@@ -148,6 +160,7 @@ impl Filesystem for WpFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _timed = self.metrics.time("lookup");
         match self.core.lookup(parent.0, name.as_bytes()) {
             Ok(Some(inode)) => self.entry(&inode, reply),
             // A negative entry: the kernel remembers the name is absent.
@@ -165,6 +178,7 @@ impl Filesystem for WpFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _timed = self.metrics.time("getattr");
         match self.core.getattr(ino.0) {
             Ok(inode) => reply.attr(&self.ttl, &attr(&inode)),
             Err(e) => reply.error(errno(e)),
@@ -189,6 +203,7 @@ impl Filesystem for WpFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let _timed = self.metrics.time("setattr");
         let attrs = SetAttrs {
             mode,
             uid,
@@ -204,6 +219,7 @@ impl Filesystem for WpFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _timed = self.metrics.time("readlink");
         match self.core.readlink(ino.0) {
             Ok(target) => reply.data(&target),
             Err(e) => reply.error(errno(e)),
@@ -220,6 +236,7 @@ impl Filesystem for WpFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        let _timed = self.metrics.time("mknod");
         let perm = mode & 0o7777;
         let what = match mode & libc::S_IFMT {
             libc::S_IFREG | 0 => NewNode::File {
@@ -265,6 +282,7 @@ impl Filesystem for WpFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
+        let _timed = self.metrics.time("mkdir");
         let what = NewNode::Dir {
             mode: mode & 0o7777,
         };
@@ -276,10 +294,12 @@ impl Filesystem for WpFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _timed = self.metrics.time("unlink");
         Self::reply_empty(self.core.unlink(parent.0, name.as_bytes(), false), reply)
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _timed = self.metrics.time("rmdir");
         Self::reply_empty(self.core.unlink(parent.0, name.as_bytes(), true), reply)
     }
 
@@ -291,6 +311,7 @@ impl Filesystem for WpFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        let _timed = self.metrics.time("symlink");
         let what = NewNode::Symlink {
             target: target.as_os_str().as_bytes(),
         };
@@ -311,6 +332,7 @@ impl Filesystem for WpFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _timed = self.metrics.time("rename");
         if flags.contains(RenameFlags::RENAME_WHITEOUT) {
             return reply.error(Errno::EINVAL);
         }
@@ -335,6 +357,7 @@ impl Filesystem for WpFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let _timed = self.metrics.time("link");
         self.reply_entry(
             self.core.link(ino.0, newparent.0, newname.as_bytes()),
             reply,
@@ -342,6 +365,7 @@ impl Filesystem for WpFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _timed = self.metrics.time("open");
         // A read-only handle has nothing to commit at close(): spare PHP's
         // include storm the FLUSH round trip.
         let mut fopen = FopenFlags::FOPEN_KEEP_CACHE;
@@ -365,6 +389,7 @@ impl Filesystem for WpFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let _timed = self.metrics.time("read");
         match self.core.read(ino.0, offset, size) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(errno(e)),
@@ -383,6 +408,7 @@ impl Filesystem for WpFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let _timed = self.metrics.time("write");
         match self.core.write(ino.0, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(e)),
@@ -397,6 +423,7 @@ impl Filesystem for WpFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let _timed = self.metrics.time("flush");
         Self::reply_empty(self.core.flush(ino.0, false), reply)
     }
 
@@ -410,6 +437,7 @@ impl Filesystem for WpFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _timed = self.metrics.time("release");
         Self::reply_empty(self.core.release(ino.0), reply)
     }
 
@@ -421,6 +449,7 @@ impl Filesystem for WpFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _timed = self.metrics.time("fsync");
         Self::reply_empty(self.core.fsync(ino.0), reply)
     }
 
@@ -432,6 +461,7 @@ impl Filesystem for WpFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _timed = self.metrics.time("readdir");
         let result = self.core.read_dir(ino.0, offset, |ino, next, kind, name| {
             !reply.add(INodeNo(ino), next, file_type(kind), OsStr::from_bytes(name))
         });
@@ -449,6 +479,7 @@ impl Filesystem for WpFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        let _timed = self.metrics.time("readdirplus");
         let result = self.core.read_dir(ino.0, offset, |ino, next, _kind, name| {
             // An entry removed meanwhile is skipped, not an error.
             let Ok(inode) = self.core.getattr(ino) else {
@@ -482,10 +513,12 @@ impl Filesystem for WpFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _timed = self.metrics.time("fsyncdir");
         Self::reply_empty(self.core.fsync(ino.0), reply)
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let _timed = self.metrics.time("statfs");
         match self.core.statfs() {
             Ok(s) => reply.statfs(
                 s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, 255, s.bsize,
@@ -504,6 +537,7 @@ impl Filesystem for WpFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        let _timed = self.metrics.time("setxattr");
         Self::reply_empty(
             self.core.setxattr(ino.0, name.as_bytes(), value, flags),
             reply,
@@ -511,18 +545,22 @@ impl Filesystem for WpFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _timed = self.metrics.time("getxattr");
         Self::reply_xattr(self.core.getxattr(ino.0, name.as_bytes()), size, reply)
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _timed = self.metrics.time("listxattr");
         Self::reply_xattr(self.core.listxattr(ino.0), size, reply)
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _timed = self.metrics.time("removexattr");
         Self::reply_empty(self.core.removexattr(ino.0, name.as_bytes()), reply)
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        let _timed = self.metrics.time("access");
         // The kernel checks permissions (default_permissions); this only
         // says whether the inode exists.
         Self::reply_empty(self.core.getattr(ino.0).map(|_| ()), reply)
@@ -538,6 +576,7 @@ impl Filesystem for WpFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let _timed = self.metrics.time("create");
         let exclusive = flags & libc::O_EXCL != 0;
         let result = (self.core).create_file(
             parent.0,
@@ -571,6 +610,7 @@ impl Filesystem for WpFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let _timed = self.metrics.time("fallocate");
         Self::reply_empty(self.core.fallocate(ino.0, offset, length, mode), reply)
     }
 }

@@ -9,6 +9,7 @@
 //!   cache invalidation, chunk fetches);
 //! - `kernel_refs`: which inodes the kernel holds (so may cache);
 //! - `space`: the disk-space reserve below which new contents are refused;
+//! - `metrics`: FUSE operation latencies and chunk transfers, for `/metrics`;
 //! - `throttle`: log lines a fault would repeat per chunk, at most one per interval;
 //! - `error`: errno mapping.
 
@@ -18,6 +19,7 @@ pub mod error;
 pub mod file;
 pub mod fuse;
 pub mod kernel_refs;
+pub mod metrics;
 pub mod remote;
 pub mod replication;
 pub mod space;
@@ -44,10 +46,11 @@ pub struct MountOptions {
 
 /// Mounts `core` at `mountpoint`; the returned session serves requests
 /// once `run` (or `spawn`) is called on it. `refs` learns which inodes
-/// the kernel holds.
+/// the kernel holds; `metrics` the time of each request.
 pub fn mount(
     core: Arc<FsCore>,
     refs: Arc<kernel_refs::KernelRefs>,
+    metrics: metrics::FuseMetrics,
     mountpoint: &Path,
     opts: &MountOptions,
 ) -> std::io::Result<fuser::Session<fuse::WpFs>> {
@@ -73,7 +76,7 @@ pub fn mount(
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
     fuser::Session::new(
-        fuse::WpFs::new(core, refs, opts.cache_ttl),
+        fuse::WpFs::new(core, refs, opts.cache_ttl, metrics),
         mountpoint,
         &config,
     )

@@ -28,8 +28,7 @@
 //! until a later push succeeds. A witness neither stores nor serves
 //! contents.
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,6 +41,7 @@ use wpfs_proto::peer_request::Kind;
 use wpfs_proto::{Member, SetContent, StoreChunks};
 
 use crate::chunks::{hex, ChunkSource, ChunkStore};
+use crate::metrics::ChunkMetrics;
 use crate::throttle::{held_back, Throttle};
 
 /// Chunks fetched at once in the background.
@@ -70,17 +70,18 @@ pub struct Replicator {
     copies: usize,
     /// This node is a witness: it fetches nothing in the background.
     witness: bool,
-    /// Chunks written here that are on fewer than `copies` nodes.
-    under_replicated: Mutex<HashSet<Hash>>,
+    /// Chunks written here that are on fewer than `copies` nodes, and
+    /// their sizes.
+    under_replicated: Mutex<HashMap<Hash, u64>>,
     /// Members other than this node, and when they were read.
     members: Mutex<(Option<Instant>, Arc<[Member]>)>,
     queue: Sender<Want>,
-    /// Chunks wanted and not stored yet: the replication backlog.
-    backlog: Mutex<HashSet<Hash>>,
+    /// Chunks wanted and not stored yet (the replication backlog), and
+    /// the node that wrote each (0: not known).
+    backlog: Mutex<HashMap<Hash, u64>>,
     /// Wants that failed, queued again by `retry`.
     failed: Mutex<Vec<Want>>,
-    fetched_chunks: AtomicU64,
-    fetched_bytes: AtomicU64,
+    metrics: ChunkMetrics,
     /// The "cannot store" warning (a full disk: one per chunk), throttled.
     store_failed_logged: Throttle,
 }
@@ -92,6 +93,7 @@ pub struct ReplicationStatus {
     pub fetched_chunks: u64,
     pub fetched_bytes: u64,
     pub under_replicated_chunks: u64,
+    pub under_replicated_bytes: u64,
 }
 
 /// How a node replicates contents.
@@ -114,13 +116,12 @@ impl Replicator {
             namespace,
             copies: config.copies.max(1),
             witness: config.witness,
-            under_replicated: Mutex::new(HashSet::new()),
+            under_replicated: Mutex::new(HashMap::new()),
             members: Mutex::new((None, Arc::from([]))),
             queue: tx,
-            backlog: Mutex::new(HashSet::new()),
+            backlog: Mutex::new(HashMap::new()),
             failed: Mutex::new(Vec::new()),
-            fetched_chunks: AtomicU64::new(0),
-            fetched_bytes: AtomicU64::new(0),
+            metrics: ChunkMetrics::default(),
             store_failed_logged: Throttle::new(Duration::from_secs(10)),
         });
         for i in 0..WORKERS {
@@ -146,7 +147,7 @@ impl Replicator {
             if self.chunks.contains(&hash).unwrap_or(false) {
                 continue;
             }
-            if self.backlog.lock().insert(hash) {
+            if self.backlog.lock().insert(hash, from).is_none() {
                 let _ = self.queue.send(Want { hash, from });
             }
         }
@@ -195,7 +196,7 @@ impl Replicator {
         for want in std::mem::take(&mut *self.failed.lock()) {
             let _ = self.queue.send(want);
         }
-        let pending: Vec<Hash> = self.under_replicated.lock().iter().copied().collect();
+        let pending: Vec<Hash> = self.under_replicated.lock().keys().copied().collect();
         if !pending.is_empty() {
             // Chunks collected meanwhile (overwritten files) need no copies.
             let live: Vec<Hash> = pending
@@ -203,7 +204,7 @@ impl Replicator {
                 .copied()
                 .filter(|h| self.chunks.contains(h).unwrap_or(false))
                 .collect();
-            self.under_replicated.lock().retain(|h| live.contains(h));
+            self.under_replicated.lock().retain(|h, _| live.contains(h));
             self.place(&live);
         }
     }
@@ -219,14 +220,24 @@ impl Replicator {
         }
         // `ask_all` skips members without a connection.
         let peers = self.data_members();
+        let mut sizes = Vec::with_capacity(hashes.len());
         let placed = hashes.chunks(PUSH_BATCH).all(|batch| {
-            let Ok(chunks) = batch.iter().map(|h| self.chunks.get(h, None)).collect() else {
+            let Ok(chunks) = batch
+                .iter()
+                .map(|h| self.chunks.get(h, None))
+                .collect::<crate::error::Result<Vec<_>>>()
+            else {
                 return false; // collected meanwhile: retry() drops it
             };
+            sizes.extend(chunks.iter().map(|c| c.len() as u64));
+            let bytes = chunks.iter().map(|c| c.len() as u64).sum();
+            let started = Instant::now();
             let calls = self
                 .transport
                 .ask_all(&peers, &Kind::StoreChunks(StoreChunks { chunks }));
-            calls.wait(wanted - 1, FETCH_TIMEOUT) >= wanted - 1
+            let ok = calls.wait(wanted - 1, FETCH_TIMEOUT) >= wanted - 1;
+            self.metrics.pushed(started, bytes, ok);
+            ok
         });
         let mut under = self.under_replicated.lock();
         if placed {
@@ -234,7 +245,13 @@ impl Replicator {
                 under.remove(h);
             }
         } else {
-            under.extend(hashes.iter().copied());
+            // A chunk not read (the push stopped first) keeps the size it
+            // was counted with, or none yet.
+            for (i, h) in hashes.iter().enumerate() {
+                let size = sizes.get(i).copied();
+                let known = under.entry(*h).or_insert(0);
+                *known = size.unwrap_or(*known);
+            }
         }
     }
 
@@ -319,12 +336,28 @@ impl Replicator {
     }
 
     pub fn status(&self) -> ReplicationStatus {
+        let under = self.under_replicated.lock();
         ReplicationStatus {
             backlog_chunks: self.backlog.lock().len() as u64,
-            fetched_chunks: self.fetched_chunks.load(Ordering::Relaxed),
-            fetched_bytes: self.fetched_bytes.load(Ordering::Relaxed),
-            under_replicated_chunks: self.under_replicated.lock().len() as u64,
+            fetched_chunks: self.metrics.replicated_chunks.get(),
+            fetched_bytes: self.metrics.replicated_bytes.get(),
+            under_replicated_chunks: under.len() as u64,
+            under_replicated_bytes: under.values().sum(),
         }
+    }
+
+    /// The backlog by the node that wrote the chunks (0: found by a scan,
+    /// writer not known).
+    pub fn backlog_by_writer(&self) -> BTreeMap<u64, u64> {
+        let mut by = BTreeMap::new();
+        for from in self.backlog.lock().values() {
+            *by.entry(*from).or_insert(0) += 1;
+        }
+        by
+    }
+
+    pub fn metrics(&self) -> &ChunkMetrics {
+        &self.metrics
     }
 
     fn replicate(&self, want: Want) {
@@ -348,8 +381,8 @@ impl Replicator {
     fn stored(&self, hash: &Hash, len: usize, stored: crate::error::Result<bool>) -> bool {
         match stored {
             Ok(true) => {
-                self.fetched_chunks.fetch_add(1, Ordering::Relaxed);
-                self.fetched_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                self.metrics.replicated_chunks.inc();
+                self.metrics.replicated_bytes.inc_by(len as u64);
                 true
             }
             Ok(false) => {
@@ -373,9 +406,14 @@ impl Replicator {
     /// Asks `first` (if it is a connected data node), then the others.
     fn fetch_from(&self, hash: &Hash, first: u64) -> Option<Vec<u8>> {
         self.data_peers(first).into_iter().find_map(|peer| {
-            self.transport
+            let started = Instant::now();
+            let answer = self
+                .transport
                 .call(peer, Kind::FetchChunk(hash.to_vec()), FETCH_TIMEOUT)
-                .ok()
+                .ok();
+            self.metrics
+                .fetched(started, answer.as_ref().map(|data| data.len()));
+            answer
         })
     }
 }
@@ -383,9 +421,8 @@ impl Replicator {
 impl ChunkSource for Replicator {
     fn fetch(&self, hash: &Hash) -> Option<Vec<u8>> {
         let data = self.fetch_from(hash, 0)?;
-        self.fetched_chunks.fetch_add(1, Ordering::Relaxed);
-        self.fetched_bytes
-            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.metrics.replicated_chunks.inc();
+        self.metrics.replicated_bytes.inc_by(data.len() as u64);
         self.backlog.lock().remove(hash);
         Some(data)
     }

@@ -67,6 +67,11 @@ impl Space {
         }
     }
 
+    /// The reserve new contents may not eat into, in bytes.
+    pub fn min_free(&self) -> u64 {
+        self.min_free
+    }
+
     pub fn usage(&self) -> Result<Usage> {
         let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
         // SAFETY: path is NUL-terminated and st is a valid out-pointer.

@@ -7,8 +7,8 @@ use serde_json::{json, Value};
 use wpfs_consensus::raft_log::RaftLog;
 use wpfs_consensus::{Namespace, Store};
 
-use crate::admin;
 use crate::config::{db_path, prepare_new_dir, NodeConfig, JOINING_FILE, SOCKET_FILE};
+use crate::http;
 
 /// `wpfs init`: a new cluster whose only voter is this node.
 pub fn init(dir: &Path, node_id: u64, listen: &str, admin: Option<&str>) -> Result<String, String> {
@@ -87,7 +87,7 @@ pub fn set_admin(dir: &Path, admin: &str) -> Result<String, String> {
         ),
         None => format!("node {} serves no HTTP admin address", config.node_id),
     };
-    Ok(match admin::query(&dir.join(SOCKET_FILE), "/status") {
+    Ok(match http::query(&dir.join(SOCKET_FILE), "/status") {
         Some(_) => format!(
             "{what} from its next mount (it is running now: unmount and mount it again to apply)\n"
         ),
@@ -103,7 +103,7 @@ pub fn token(dir: &Path) -> Result<String, String> {
 /// (or still joining: the daemon's admin endpoint comes up after that).
 pub fn status(dir: &Path) -> Result<Value, String> {
     let config = NodeConfig::load(dir)?;
-    if let Some(body) = admin::query(&dir.join(SOCKET_FILE), "/status") {
+    if let Some(body) = http::query(&dir.join(SOCKET_FILE), "/status") {
         return serde_json::from_str(&body)
             .map_err(|e| format!("the daemon answered garbage: {e}"));
     }
@@ -192,7 +192,7 @@ pub fn remove(dir: &Path, id: u64) -> Result<String, String> {
 
 fn change(dir: &Path, path: &str) -> Result<String, String> {
     let config = NodeConfig::load(dir)?;
-    match admin::request(&dir.join(SOCKET_FILE), "POST", path) {
+    match http::request(&dir.join(SOCKET_FILE), "POST", path) {
         Some((200, body)) => Ok(body),
         Some((_, why)) => Err(why.trim().to_string()),
         None => Err(format!(

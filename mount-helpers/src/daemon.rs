@@ -21,13 +21,15 @@ use std::time::{Duration, Instant};
 
 use wpfs_consensus::{Namespace, Node, Store, StoreError, Transport, TransportConfig};
 use wpfs_fs::kernel_refs::KernelRefs;
+use wpfs_fs::metrics::FuseMetrics;
 use wpfs_fs::remote::RemoteChanges;
 use wpfs_fs::replication::{ReplicationConfig, Replicator};
 use wpfs_fs::{CoreOptions, FsCore, MountOptions};
 
-use crate::admin::{self, AdminState};
+use crate::admin::AdminState;
 use crate::cluster::{self, PeerHandler, PeerService, LEFT_FILE};
 use crate::config::{db_path, NodeConfig, JOINING_FILE, LOG_FILE, PID_FILE, SOCKET_FILE};
+use crate::http;
 use crate::options::Options;
 
 /// The longest a mount waits to catch up with the cluster (`catch_up`).
@@ -415,8 +417,15 @@ fn run(req: &MountRequest, config: &NodeConfig, reporter: &mut Reporter) -> Resu
         cache_ttl: req.options.cache_ttl,
         threads: req.options.threads,
     };
-    let mut session = wpfs_fs::mount(core.clone(), refs, &req.mountpoint, &mount_opts)
-        .map_err(|e| format!("cannot mount at {}: {e}", req.mountpoint.display()))?;
+    let fuse_metrics = FuseMetrics::default();
+    let mut session = wpfs_fs::mount(
+        core.clone(),
+        refs,
+        fuse_metrics.clone(),
+        &req.mountpoint,
+        &mount_opts,
+    )
+    .map_err(|e| format!("cannot mount at {}: {e}", req.mountpoint.display()))?;
     remote.set_notifier(session.notifier());
     let state = Arc::new(AdminState {
         core: core.clone(),
@@ -427,8 +436,9 @@ fn run(req: &MountRequest, config: &NodeConfig, reporter: &mut Reporter) -> Resu
         transport,
         replicator,
         service,
+        fuse_metrics,
     });
-    admin::serve(
+    http::serve(
         state.clone(),
         &req.dir.join(SOCKET_FILE),
         config.admin.as_deref(),

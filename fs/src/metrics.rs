@@ -106,8 +106,8 @@ impl Default for ChunkMetrics {
         // Both results from the start: a series that appears only at the
         // first error is one a `rate()` alert cannot see rise.
         for ok in [true, false] {
-            metrics.fetches.get_or_create(&result(ok));
-            metrics.pushes.get_or_create(&result(ok));
+            let _ = metrics.fetches.get_or_create(&result(ok));
+            let _ = metrics.pushes.get_or_create(&result(ok));
         }
         metrics
     }

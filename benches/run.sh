@@ -89,6 +89,7 @@ if [ "$nodes" = 3 ]; then
     started=$(date +%s.%N)
     start_node 4
     until [ "$(status 4 | field replication_backlog_chunks)" = 0 ] &&
+          [ "$(status 4 | field replication_scan_percent)" = None ] &&
           [ "$(status 4 | field replicated_bytes)" -gt $((256 << 20)) ]; do
         sleep 0.2
     done

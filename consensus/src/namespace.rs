@@ -290,11 +290,16 @@ impl Namespace {
         self.scan_tag(b'o', |k, _| Ok(read_be(&k[1..])))
     }
 
-    /// Chunks whose reference count fell to zero (or that arrived before
-    /// anything referenced them) and may be collected, each with the time
-    /// it was flagged (seconds since the epoch; 0 when unknown).
-    pub fn garbage_chunks(&self) -> Result<Vec<(Hash, u64)>> {
-        self.scan_tag(b'g', |k, v| {
+    /// Up to `limit` of the chunks whose reference count fell to zero (or
+    /// that arrived before anything referenced them) and may be collected,
+    /// in hash order after `after`, each with the time it was flagged
+    /// (seconds since the epoch; 0 when unknown).
+    pub fn garbage_chunks_after(
+        &self,
+        after: Option<&Hash>,
+        limit: usize,
+    ) -> Result<Vec<(Hash, u64)>> {
+        self.scan_tag_after(b'g', after.map(|h| garbage_key(h)), limit, |k, v| {
             Ok((hash_in(k), if v.len() == 8 { read_be(v) } else { 0 }))
         })
     }
@@ -311,13 +316,48 @@ impl Namespace {
     /// iterator would walk every deleted key after the last live one (a
     /// long run after many chunks are freed) just to find the end.
     fn tag_iter(&self, tag: u8) -> rocksdb::DBIteratorWithThreadMode<'_, rocksdb::DB> {
+        self.tag_iter_from(tag, &[tag])
+    }
+
+    /// The keys with `tag` from key `from` on.
+    fn tag_iter_from(
+        &self,
+        tag: u8,
+        from: &[u8],
+    ) -> rocksdb::DBIteratorWithThreadMode<'_, rocksdb::DB> {
         let mut opts = ReadOptions::default();
         opts.set_iterate_upper_bound(vec![tag + 1]);
         self.store.db().iterator_cf_opt(
             self.store.cf(CF_META),
             opts,
-            IteratorMode::From(&[tag], Direction::Forward),
+            IteratorMode::From(from, Direction::Forward),
         )
+    }
+
+    /// `f(key, value)` for up to `limit` keys with `tag` past key `after`
+    /// (from the first when None), in key order: a scan a step at a time,
+    /// where one of every key could be millions.
+    fn scan_tag_after<T>(
+        &self,
+        tag: u8,
+        after: Option<Vec<u8>>,
+        limit: usize,
+        f: impl Fn(&[u8], &[u8]) -> Result<T>,
+    ) -> Result<Vec<T>> {
+        let from = match after {
+            Some(mut key) => {
+                key.push(0); // the first key past `after`
+                key
+            }
+            None => vec![tag],
+        };
+        self.tag_iter_from(tag, &from)
+            .take(limit)
+            .map(|item| {
+                let (k, v) = item?;
+                f(&k, &v)
+            })
+            .collect()
     }
 
     /// `f(key, value)` for every key with `tag`, in key order.
@@ -373,10 +413,14 @@ impl Namespace {
         self.scan_tag(b'i', |k, _| Ok(read_be(&k[1..])))
     }
 
-    /// Every chunk the namespace references (the `r` counts), for a node
-    /// that must check which of them it holds.
-    pub fn referenced_chunks(&self) -> Result<Vec<Hash>> {
-        self.scan_tag(b'r', |k, _| Ok(hash_in(k)))
+    /// Up to `limit` of the chunks the namespace references (the `r`
+    /// counts), in hash order after `after` (from the first when None):
+    /// a node checks which of them it holds a step at a time, never
+    /// listing a million at once.
+    pub fn referenced_chunks_after(&self, after: Option<&Hash>, limit: usize) -> Result<Vec<Hash>> {
+        self.scan_tag_after(b'r', after.map(|h| ref_key(h)), limit, |k, _| {
+            Ok(hash_in(k))
+        })
     }
 
     /// Applies one command; the returned outcome is what the proposer's

@@ -976,10 +976,11 @@ impl Driver {
         let path = snapshot::incoming(&self.store, reference.index);
         let started = Instant::now();
         let failed = |e: &dyn std::fmt::Display| format!("installing snapshot {}: {e}", meta.index);
-        let (changes, changed) = snapshot::changes(&self.store, &path).map_err(|e| failed(&e))?;
-        self.raw
+        let store = self.store.clone();
+        let changed = self
+            .raw
             .mut_store()
-            .apply_snapshot(meta, changes)
+            .apply_snapshot(meta, || snapshot::install(&store, &path))
             .map_err(|e| failed(&e))?;
         let _ = std::fs::remove_file(&path);
         tracing::info!(

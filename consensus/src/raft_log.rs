@@ -24,7 +24,7 @@ use parking_lot::Mutex;
 use prost011::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, StorageError};
-use rocksdb::{IteratorMode, WriteBatch};
+use rocksdb::{IteratorMode, WriteBatch, WriteOptions};
 
 use crate::namespace::Namespace;
 use crate::snapshot;
@@ -33,6 +33,9 @@ use crate::store::{be, read_be, Store, CF_RAFT};
 const KEY_HARD_STATE: &[u8] = b"hs";
 const KEY_CONF_STATE: &[u8] = b"cs";
 const KEY_SNAPSHOT_META: &[u8] = b"snap";
+/// A snapshot being installed: set before its namespace is ingested,
+/// removed with the log's new state (`apply_snapshot`).
+const KEY_INSTALLING: &[u8] = b"installing";
 const ENTRY_PREFIX: u8 = b'e';
 /// The newest entries kept in memory: at most this many, and this many
 /// bytes of data.
@@ -69,6 +72,7 @@ pub struct RaftLog {
 impl RaftLog {
     /// Loads the log state from the store.
     pub fn open(store: Store) -> raft::Result<RaftLog> {
+        Self::finish_interrupted_install(&store)?;
         let mut hard_state: HardState = load(&store, KEY_HARD_STATE)?.unwrap_or_default();
         let (applied, _) = Namespace::new(store.clone())
             .applied()
@@ -128,35 +132,88 @@ impl RaftLog {
         store.db().write(batch).map_err(storage_err)
     }
 
-    /// Takes the state of snapshot `meta` in one synced write with
-    /// `batch`, which carries the namespace's changes: the log restarts
-    /// after its index (every older or conflicting entry is dropped). A
-    /// crash leaves the node wholly before or wholly after the snapshot.
+    /// Takes the state of snapshot `meta`: `install` replaces the
+    /// namespace (one atomic ingest, `snapshot::install`), then the log
+    /// restarts after its index (every older or conflicting entry is
+    /// dropped) in one synced write. The two are not one write, so the
+    /// snapshot is marked as being installed first; `open` finishes or
+    /// forgets an install a crash interrupted, and the node is wholly
+    /// before or wholly after the snapshot. Returns `install`'s count.
     pub fn apply_snapshot(
         &mut self,
         meta: &SnapshotMetadata,
-        mut batch: WriteBatch,
-    ) -> raft::Result<()> {
-        let cs = meta.conf_state.clone().unwrap_or_default();
-        let mut hs = self.hard_state.clone();
-        hs.commit = hs.commit.max(meta.index);
-        hs.term = hs.term.max(meta.term);
+        install: impl FnOnce() -> std::io::Result<usize>,
+    ) -> raft::Result<usize> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
         let cf = self.store.cf(CF_RAFT);
-        batch.put_cf(cf, KEY_SNAPSHOT_META, meta.encode_to_vec());
-        batch.put_cf(cf, KEY_CONF_STATE, cs.encode_to_vec());
-        batch.put_cf(cf, KEY_HARD_STATE, hs.encode_to_vec());
-        batch.delete_range_cf(cf, entry_key(0), entry_key(u64::MAX));
-        self.store.db().write(batch).map_err(storage_err)?;
-        self.store.sync().map_err(storage_err)?;
-        self.hard_state = hs;
-        self.conf_state = cs;
+        self.store
+            .db()
+            .put_cf_opt(cf, KEY_INSTALLING, meta.encode_to_vec(), &opts)
+            .map_err(storage_err)?;
+        let changed = install().map_err(storage_err)?;
+        Self::take_snapshot_state(&self.store, meta, &mut self.hard_state)?;
+        self.conf_state = meta.conf_state.clone().unwrap_or_default();
         self.snapshot_index = meta.index;
         self.snapshot_term = meta.term;
         self.last_index = meta.index;
         self.forget_sizes_upto(u64::MAX);
         self.tail.clear();
         self.tail_bytes = 0;
-        Ok(())
+        Ok(changed)
+    }
+
+    /// Writes the log state of snapshot `meta` over `hs` (synced), and
+    /// clears the mark of its install.
+    fn take_snapshot_state(
+        store: &Store,
+        meta: &SnapshotMetadata,
+        hs: &mut HardState,
+    ) -> raft::Result<()> {
+        let cs = meta.conf_state.clone().unwrap_or_default();
+        hs.commit = hs.commit.max(meta.index);
+        hs.term = hs.term.max(meta.term);
+        let cf = store.cf(CF_RAFT);
+        let mut batch = WriteBatch::default();
+        batch.put_cf(cf, KEY_SNAPSHOT_META, meta.encode_to_vec());
+        batch.put_cf(cf, KEY_CONF_STATE, cs.encode_to_vec());
+        batch.put_cf(cf, KEY_HARD_STATE, hs.encode_to_vec());
+        batch.delete_range_cf(cf, entry_key(0), entry_key(u64::MAX));
+        batch.delete_cf(cf, KEY_INSTALLING);
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        store.db().write_opt(batch, &opts).map_err(storage_err)
+    }
+
+    /// After a crash during `apply_snapshot`: the ingest is atomic, so the
+    /// namespace is wholly the old one or the snapshot's, which its
+    /// applied index tells apart (a snapshot is built at its applied
+    /// index). The snapshot's log state is taken, or the mark dropped and
+    /// the leader sends the snapshot again.
+    fn finish_interrupted_install(store: &Store) -> raft::Result<()> {
+        let Some(meta) = load::<SnapshotMetadata>(store, KEY_INSTALLING)? else {
+            return Ok(());
+        };
+        let (applied, _) = Namespace::new(store.clone())
+            .applied()
+            .map_err(storage_err)?;
+        if applied == meta.index {
+            tracing::info!(
+                "finishing the install of snapshot {} a crash interrupted",
+                meta.index
+            );
+            let mut hs: HardState = load(store, KEY_HARD_STATE)?.unwrap_or_default();
+            Self::take_snapshot_state(store, &meta, &mut hs)
+        } else {
+            tracing::info!(
+                "snapshot {} was not installed before a crash; the leader sends it again",
+                meta.index
+            );
+            store
+                .db()
+                .delete_cf(store.cf(CF_RAFT), KEY_INSTALLING)
+                .map_err(storage_err)
+        }
     }
 
     pub fn hard_state(&self) -> &HardState {
@@ -578,5 +635,48 @@ mod tests {
             );
         }
         assert!(log.entries(36, 37, None, ctx()).is_err());
+    }
+
+    #[test]
+    fn a_snapshot_install_a_crash_cut_is_finished_or_forgotten_at_open() {
+        let meta = SnapshotMetadata {
+            index: 9,
+            term: 2,
+            conf_state: Some(ConfState {
+                voters: vec![1],
+                ..Default::default()
+            }),
+        };
+        let crash = || std::io::Error::other("killed");
+
+        // Killed after the ingest (the namespace is the snapshot's, at its
+        // index), before the log's new state was written.
+        let (_dir, store, mut log) = new_log();
+        append(&mut log, &(2..=5).map(|i| entry(i, 10)).collect::<Vec<_>>());
+        let namespace = Namespace::new(store.clone());
+        let cut = log.apply_snapshot(&meta, || {
+            namespace.apply_nothing(meta.index, meta.term).unwrap();
+            Err(crash())
+        });
+        assert!(cut.is_err());
+        let log = RaftLog::open(store.clone()).unwrap();
+        assert_eq!((log.snapshot_index, log.snapshot_term), (9, 2));
+        assert_eq!(log.first_index_now(), 10);
+        assert!(log.hard_state().commit >= 9);
+        assert!(load::<SnapshotMetadata>(&store, KEY_INSTALLING)
+            .unwrap()
+            .is_none());
+
+        // Killed before the ingest: the node keeps its log and namespace,
+        // and the leader sends the snapshot again.
+        let (_dir, store, mut log) = new_log();
+        append(&mut log, &(2..=5).map(|i| entry(i, 10)).collect::<Vec<_>>());
+        assert!(log.apply_snapshot(&meta, || Err(crash())).is_err());
+        let log = RaftLog::open(store.clone()).unwrap();
+        assert_eq!(log.snapshot_index, 1);
+        assert_eq!(log.last_index_now(), 5);
+        assert!(load::<SnapshotMetadata>(&store, KEY_INSTALLING)
+            .unwrap()
+            .is_none());
     }
 }

@@ -71,7 +71,7 @@ impl Store {
         let cache = Cache::new_lru_cache(128 << 20);
         let cfs = [CF_RAFT, CF_META, CF_CHUNKS]
             .into_iter()
-            .map(|name| ColumnFamilyDescriptor::new(name, cf_options(name, &cache)))
+            .map(|name| ColumnFamilyDescriptor::new(name, cf_options(name, Some(&cache))))
             .collect::<Vec<_>>();
         let db = DB::open_cf_descriptors(&db_opts, path, cfs).map_err(|e| classify(path, e))?;
         Ok(Store {
@@ -128,10 +128,19 @@ impl Store {
     }
 }
 
-fn cf_options(name: &str, cache: &Cache) -> Options {
+/// The options of SST files written for the `meta` column family
+/// (`snapshot::install`): its tables' format, no cache.
+pub fn sst_options() -> Options {
+    cf_options(CF_META, None)
+}
+
+fn cf_options(name: &str, cache: Option<&Cache>) -> Options {
     let mut opts = Options::default();
     let mut table = BlockBasedOptions::default();
-    table.set_block_cache(cache);
+    match cache {
+        Some(cache) => table.set_block_cache(cache),
+        None => table.disable_cache(),
+    }
     table.set_bloom_filter(10.0, false);
     table.set_cache_index_and_filter_blocks(true);
     opts.set_block_based_table_factory(&table);

@@ -266,3 +266,32 @@ fn a_file_born_with_its_contents_replaces_one_made_meanwhile_whole() {
         libc::EINVAL
     );
 }
+
+#[test]
+fn the_referenced_chunks_are_listed_in_steps_each_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = fresh(tmp.path());
+    let files = 2_500u64;
+    let reserve = command(1, Op::Reserve(proto::Reserve { count: files }));
+    let ns = Namespace::new(store.clone());
+    let first = ns.apply(1, 1, &reserve).unwrap().unwrap().reserved;
+    let log: Vec<Command> = (0..files)
+        .map(|i| {
+            let mut content = born(first + i, format!("f{i}").as_bytes(), 1, i as i64);
+            content.chunks[0].hash = blake3::hash(&i.to_be_bytes()).as_bytes().to_vec();
+            command(i + 2, Op::SetContent(content))
+        })
+        .collect();
+    assert!(apply(&store, &log, 2).iter().all(|errno| *errno == 0));
+    let all = ns.referenced_chunks_after(None, usize::MAX).unwrap();
+    assert_eq!(all.len(), files as usize);
+    let mut stepped = Vec::new();
+    let mut after = None;
+    loop {
+        let step = ns.referenced_chunks_after(after.as_ref(), 1024).unwrap();
+        let Some(last) = step.last() else { break };
+        after = Some(*last);
+        stepped.extend(step);
+    }
+    assert_eq!(stepped, all, "every reference once, in order");
+}

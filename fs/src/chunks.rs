@@ -46,6 +46,8 @@ pub struct ChunkStore {
 /// A chunk that arrived before anything referenced it here (a writer's
 /// copy, ahead of the command) is left alone this long by the collector.
 const ARRIVAL_GRACE_SECS: u64 = 300;
+/// Garbage candidates looked at per step of `collect`.
+const COLLECT_STEP: usize = 1024;
 /// Chunks one read fetches from peers at a time.
 const FETCHES_AT_ONCE: usize = 8;
 
@@ -310,22 +312,30 @@ impl ChunkStore {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        for (hash, flagged) in namespace.garbage_chunks()? {
-            if flagged + ARRIVAL_GRACE_SECS > now {
-                continue;
+        let mut after = None;
+        loop {
+            // In steps: an `rm -rf` of a big tree flags a million chunks.
+            let step = namespace.garbage_chunks_after(after.as_ref(), COLLECT_STEP)?;
+            let Some((last, _)) = step.last() else {
+                return Ok(deleted);
+            };
+            after = Some(*last);
+            for (hash, flagged) in step {
+                if flagged + ARRIVAL_GRACE_SECS > now {
+                    continue;
+                }
+                let pins = self.pins.lock();
+                if pins.contains_key(&hash) {
+                    continue;
+                }
+                if namespace.chunk_refcount(&hash)? == 0 {
+                    self.store.db().delete_cf(self.store.cf(CF_CHUNKS), hash)?;
+                    deleted += 1;
+                }
+                namespace.clear_garbage(&hash)?;
+                drop(pins);
             }
-            let pins = self.pins.lock();
-            if pins.contains_key(&hash) {
-                continue;
-            }
-            if namespace.chunk_refcount(&hash)? == 0 {
-                self.store.db().delete_cf(self.store.cf(CF_CHUNKS), hash)?;
-                deleted += 1;
-            }
-            namespace.clear_garbage(&hash)?;
-            drop(pins);
         }
-        Ok(deleted)
     }
 
     /// Number of chunks stored (an estimate from RocksDB).

@@ -8,6 +8,13 @@
 //! Nothing of the queue is persisted: at start (and after a snapshot) a
 //! scan of the namespace's referenced chunks finds what is still missing.
 //!
+//! The backlog is bounded (`BACKLOG_MAX`): a node that joins a million-file
+//! cluster lacks a million chunks, and a list of them all (hash, writer,
+//! queue slot) would take over 100 MB. The scan walks the namespace's
+//! references a step at a time, in hash order, and steps on only while the
+//! backlog is short; a want that finds the backlog full is dropped and a
+//! later scan pass finds it.
+//!
 //! Reads do not wait for this: a read of a chunk not here yet fetches it
 //! on demand (`ChunkSource`).
 //!
@@ -51,6 +58,10 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 const MEMBERS_FRESH: Duration = Duration::from_secs(1);
 /// Chunks pushed in one request (64 KiB each: 4 MiB).
 const PUSH_BATCH: usize = 64;
+/// Chunks wanted at most at once (about 100 bytes each).
+const BACKLOG_MAX: usize = 16_384;
+/// References the scan reads from the namespace in one step.
+const SCAN_STEP: usize = 1024;
 /// New chunks up to this many bytes in all ride in their command. The Raft
 /// log keeps them until it is compacted (bounded in bytes too, see
 /// `consensus::node`).
@@ -81,9 +92,21 @@ pub struct Replicator {
     backlog: Mutex<HashMap<Hash, u64>>,
     /// Wants that failed, queued again by `retry`.
     failed: Mutex<Vec<Want>>,
+    scan: Mutex<Scan>,
     metrics: ChunkMetrics,
     /// The "cannot store" warning (a full disk: one per chunk), throttled.
     store_failed_logged: Throttle,
+}
+
+/// Where the scan of referenced chunks is (`Replicator::scan`).
+#[derive(Default)]
+struct Scan {
+    running: bool,
+    /// The last reference looked at; None: the pass starts at the first.
+    after: Option<Hash>,
+    /// A want was dropped (the backlog was full) during this pass, where
+    /// the pass may already have gone by: another pass follows.
+    again: bool,
 }
 
 /// What `wpfs status` shows of replication.
@@ -94,6 +117,9 @@ pub struct ReplicationStatus {
     pub fetched_bytes: u64,
     pub under_replicated_chunks: u64,
     pub under_replicated_bytes: u64,
+    /// How far the running scan for missing chunks is, in percent of the
+    /// hash space (None: no scan runs).
+    pub scan_percent: Option<u8>,
 }
 
 /// How a node replicates contents.
@@ -121,6 +147,7 @@ impl Replicator {
             queue: tx,
             backlog: Mutex::new(HashMap::new()),
             failed: Mutex::new(Vec::new()),
+            scan: Mutex::new(Scan::default()),
             metrics: ChunkMetrics::default(),
             store_failed_logged: Throttle::new(Duration::from_secs(10)),
         });
@@ -131,6 +158,7 @@ impl Replicator {
                 .spawn(move || {
                     while let Some(want) = rx.recv() {
                         r.replicate(want);
+                        r.scan_on();
                     }
                 })
                 .expect("spawning a thread");
@@ -138,19 +166,39 @@ impl Replicator {
         r
     }
 
-    /// Queues the chunks of `hashes` that are not here, naming their writer.
+    /// Queues the chunks of `hashes` that are not here, naming their
+    /// writer. Past `BACKLOG_MAX` they are left to a scan pass.
     pub fn want(&self, hashes: impl IntoIterator<Item = Hash>, from: u64) {
-        if self.witness {
+        if self.witness || !self.queue_missing(hashes, from) {
             return;
         }
+        let mut scan = self.scan.lock();
+        if scan.running {
+            scan.again = true;
+        } else {
+            *scan = Scan {
+                running: true,
+                ..Scan::default()
+            };
+        }
+    }
+
+    /// Queues the chunks of `hashes` that are not here while the backlog
+    /// has room; whether any had to be dropped.
+    fn queue_missing(&self, hashes: impl IntoIterator<Item = Hash>, from: u64) -> bool {
+        let mut dropped = false;
         for hash in hashes {
             if self.chunks.contains(&hash).unwrap_or(false) {
                 continue;
             }
-            if self.backlog.lock().insert(hash, from).is_none() {
+            let mut backlog = self.backlog.lock();
+            if backlog.len() >= BACKLOG_MAX {
+                dropped = true;
+            } else if backlog.insert(hash, from).is_none() {
                 let _ = self.queue.send(Want { hash, from });
             }
         }
+        dropped
     }
 
     /// New contents written on node `writer` are being applied here: puts
@@ -182,11 +230,53 @@ impl Replicator {
         self.want(hashes, writer);
     }
 
-    /// Queues every referenced chunk that is missing here.
+    /// Starts a pass over every referenced chunk, queueing those missing
+    /// here (at start, and when a snapshot replaced the namespace). A
+    /// running pass starts over.
     pub fn scan(&self) {
-        match self.namespace.referenced_chunks() {
-            Ok(all) => self.want(all, 0),
-            Err(e) => tracing::warn!("cannot list referenced chunks: {e}"),
+        if self.witness {
+            return;
+        }
+        *self.scan.lock() = Scan {
+            running: true,
+            ..Scan::default()
+        };
+        self.scan_on();
+    }
+
+    /// Steps the running scan on while the backlog has room for a step.
+    fn scan_on(&self) {
+        loop {
+            // Another thread stepping the scan steps it on.
+            let Some(mut scan) = self.scan.try_lock() else {
+                return;
+            };
+            if !scan.running || self.backlog.lock().len() + SCAN_STEP > BACKLOG_MAX {
+                return;
+            }
+            let step = match self
+                .namespace
+                .referenced_chunks_after(scan.after.as_ref(), SCAN_STEP)
+            {
+                Ok(step) => step,
+                Err(e) => {
+                    // `retry` steps on again in a few seconds.
+                    tracing::warn!("cannot list referenced chunks: {e}");
+                    return;
+                }
+            };
+            let Some(last) = step.last() else {
+                let again = scan.again;
+                *scan = Scan {
+                    running: again,
+                    ..Scan::default()
+                };
+                continue;
+            };
+            scan.after = Some(*last);
+            // Wants of applied commands may have filled the backlog since
+            // the check above.
+            scan.again |= self.queue_missing(step, 0);
         }
     }
 
@@ -196,6 +286,7 @@ impl Replicator {
         for want in std::mem::take(&mut *self.failed.lock()) {
             let _ = self.queue.send(want);
         }
+        self.scan_on();
         let pending: Vec<Hash> = self.under_replicated.lock().keys().copied().collect();
         if !pending.is_empty() {
             // Chunks collected meanwhile (overwritten files) need no copies.
@@ -336,14 +427,29 @@ impl Replicator {
     }
 
     pub fn status(&self) -> ReplicationStatus {
-        let under = self.under_replicated.lock();
+        // One lock at a time: `scan_on` takes the scan's, then the backlog's.
+        let scan_percent = self.scan_percent();
+        let backlog_chunks = self.backlog.lock().len() as u64;
+        let (under_replicated_chunks, under_replicated_bytes) = {
+            let under = self.under_replicated.lock();
+            (under.len() as u64, under.values().sum())
+        };
         ReplicationStatus {
-            backlog_chunks: self.backlog.lock().len() as u64,
+            backlog_chunks,
             fetched_chunks: self.metrics.replicated_chunks.get(),
             fetched_bytes: self.metrics.replicated_bytes.get(),
-            under_replicated_chunks: under.len() as u64,
-            under_replicated_bytes: under.values().sum(),
+            under_replicated_chunks,
+            under_replicated_bytes,
+            scan_percent,
         }
+    }
+
+    fn scan_percent(&self) -> Option<u8> {
+        let scan = self.scan.lock();
+        scan.running.then(|| {
+            scan.after
+                .map_or(0, |h| (u32::from(h[0]) * 100 / 256) as u8)
+        })
     }
 
     /// The backlog by the node that wrote the chunks (0: found by a scan,

@@ -117,6 +117,7 @@ impl AdminState {
             "learners": raft.learners,
             "members": self.members(),
             "replication_backlog_chunks": replication.backlog_chunks,
+            "replication_scan_percent": replication.scan_percent,
             "replicated_chunks": replication.fetched_chunks,
             "replicated_bytes": replication.fetched_bytes,
             "under_replicated_chunks": replication.under_replicated_chunks,

@@ -304,6 +304,13 @@ impl Node {
         serde_json::from_str(&out).expect("status JSON")
     }
 
+    /// Whether this node holds every chunk its namespace references, as
+    /// far as it knows: nothing to fetch, no scan for missing ones running.
+    pub fn holds_every_chunk(&self) -> bool {
+        let status = self.status();
+        status["replication_backlog_chunks"] == 0 && status["replication_scan_percent"].is_null()
+    }
+
     /// kill -9 the daemon; the mount is left dead, then lazily detached.
     pub fn kill9(&self) {
         self.kill9_daemon(self.pid().expect("daemon pid"));

@@ -190,7 +190,7 @@ fn every_node_has_an_admin_address_and_metrics_of_its_own() {
             b"<?php // 7\n"
         );
         wait_until(Duration::from_secs(30), "replication to finish", || {
-            node.status()["replication_backlog_chunks"] == 0
+            node.holds_every_chunk()
         });
     }
 

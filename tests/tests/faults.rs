@@ -821,8 +821,7 @@ fn finish_mount(mut mount: Child, within: Duration) -> Result<(), String> {
 /// Waits until `node` has every chunk its namespace references.
 fn wait_replicated(node: &Node, within: Duration) {
     wait_until(within, "a node's contents to be complete", || {
-        let status = node.status();
-        status["replication_backlog_chunks"] == 0 && status["replicated_chunks"] != 0
+        node.holds_every_chunk() && node.status()["replicated_chunks"] != 0
     });
 }
 

@@ -1,0 +1,196 @@
+#!/usr/bin/env bash
+# A real site's size: an uploads-shaped tree of a million files on wpfs,
+# against the same tree on local disk, in one run (docs/performance.md,
+# "A real site's size").
+#
+#   benches/scale.sh [--files N] [--phases local,one,three,join]
+#
+# The tree: N files (default 1,000,000) in YYYY/MM directories, one of
+# which holds a tenth of them (100,000 at 1M); sizes scaled down 12× from
+# WordPress's (most 5-200 KB become 0.4-16 KiB, median 2 KiB) so that the
+# bytes stored per node stay near 2-3 GB, plus four large files of
+# 64-512 MiB (WordPress's 100 MB-2 GB, scaled down 4×).
+#
+# Phases (each prints its figures as it ends):
+#   local  make the tree on local disk; cp -a of it to local disk; find,
+#          du, ls -l of the big directory, a deep stat (cold kernel cache)
+#   one    a one-node cluster: cp -a into the mount (a tenth first, then
+#          the rest), the daemon's RSS idle and under load at a tenth and at
+#          all of it, the store's size, the same reads as on local disk,
+#          restart (wpfs mount of the stopped node until it serves)
+#   three  a three-node cluster: cp -a into node 1; every daemon's RSS and
+#          CPU time, store sizes
+#   join   (after three) a fourth node joins: snapshot size, time until it
+#          has the namespace (its mount returns), until it has every chunk,
+#          MB/s, its mount's progress lines, its peak RSS
+#
+# Needs about 4 GB of free disk per node at 1M files. Builds nothing: run
+# `make build` first (or set BIN to a release build's directory).
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+. "$here/benches/lib.sh"
+
+files=1000000
+phases=local,one,three,join
+while [ $# -gt 0 ]; do
+    case $1 in
+        --files) files=$2; shift 2 ;;
+        --phases) phases=$2; shift 2 ;;
+        *) echo "unknown option $1 (see the head of $0)" >&2; exit 2 ;;
+    esac
+done
+has() { [[ ",$phases," == *",$1,"* ]]; }
+
+work=${SCALE_WORK:-$(mktemp -d /var/tmp/wpfs-scale-XXXX)}
+cleanup() {
+    stop_nodes
+    [ -n "${SCALE_KEEP:-}" ] || rm -rf "$work"
+}
+trap cleanup EXIT
+tree=$work/tree
+echo "work directory: $work; $files files"
+
+status() { "$BIN/wpfs" status --data "$work/d$1" --json; }
+field() { python3 -c "import json,sys; v = json.load(sys.stdin)['$1']; print('null' if v is None else v)"; }
+# Seconds since the epoch, with nanoseconds.
+now() { date +%s.%N; }
+since() { python3 -c "print(f'{$(now) - $1:.2f}')"; }
+# Resident memory (current and peak) of node N's daemon, in MiB.
+rss() {
+    awk '/^VmRSS/{r=$2} /^VmHWM/{h=$2} END {printf "rss %d MiB, peak %d MiB", r/1024, h/1024}' \
+        "/proc/$(daemon_of "$1")/status"
+}
+# CPU time (user + system) of node N's daemon so far, in seconds.
+cpu() {
+    awk -v hz="$(getconf CLK_TCK)" '{printf "%.1f", ($14 + $15) / hz}' \
+        "/proc/$(daemon_of "$1")/stat"
+}
+cold() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+# `timed LABEL CMD...`: runs CMD with a cold kernel cache, prints seconds.
+timed() {
+    local label=$1 t
+    shift
+    cold
+    t=$(now)
+    "$@" >/dev/null
+    echo "  $label: $(since "$t") s"
+}
+# Waits until node N holds every chunk its namespace references.
+wait_replicated() {
+    until [ "$(status "$1" | field replication_backlog_chunks)" = 0 ] &&
+          [ "$(status "$1" | field replication_scan_percent)" = null ]; do
+        sleep 1
+    done
+}
+
+# The tree, made once: two parts (a tenth, the rest) so that memory can
+# be read at both sizes.
+make_tree() {
+    [ -e "$tree/.done" ] && return
+    python3 - "$tree" "$files" <<'EOF'
+import os, random, sys
+root, files = sys.argv[1], int(sys.argv[2])
+rng = random.Random(7)
+months = [f"{y}/{m:02}" for y in range(2010, 2027) for m in range(1, 13)]
+big_dir = "2024/05"
+for part in ("part1", "part2"):
+    for d in months:
+        os.makedirs(os.path.join(root, part, d), exist_ok=True)
+first = files // 10
+for i in range(files):
+    part = "part1" if i < first else "part2"
+    d = big_dir if i % 10 == 0 and part == "part2" else rng.choice(months)
+    # lognormal around 2 KiB, 400 B to 16 KiB
+    size = int(min(16384, max(400, rng.lognormvariate(7.6, 0.9))))
+    with open(os.path.join(root, part, d, f"image-{i}-{size}.jpg"), "wb") as f:
+        f.write(os.urandom(size))
+for n, mib in enumerate((64, 128, 256, 512)):
+    with open(os.path.join(root, "part2", "2025/01", f"video-{n}.mp4"), "wb") as f:
+        for _ in range(mib):
+            f.write(os.urandom(1 << 20))
+EOF
+    touch "$tree/.done"
+}
+
+# cp -a of the tree's two parts into DEST, with files/s and MiB/s; for a
+# node, its RSS idle after each part and its peak while copying.
+import_into() {
+    local dest=$1 node=${2:-} t n bytes
+    for part in part1 part2; do
+        n=$(find "$tree/$part" -type f | wc -l)
+        bytes=$(du -sb "$tree/$part" | cut -f1)
+        t=$(now)
+        cp -a "$tree/$part" "$dest/"
+        sync
+        python3 -c "
+t = $(since "$t"); print(f'  cp -a $part: {$n} files, {$bytes / 2**20:.0f} MiB in {t:.1f} s = {$n / t:.0f} files/s, {$bytes / 2**20 / t:.1f} MiB/s')"
+        if [ -n "$node" ]; then
+            echo "  node $node after $part: $(rss "$node") (peak: under load), CPU $(cpu "$node") s"
+            sleep 10
+            echo "  node $node idle 10 s later: $(rss "$node")"
+        fi
+    done
+}
+
+# find, du, ls -l of the big directory, a deep stat: under ROOT.
+reads() {
+    local root=$1
+    timed "find . | wc -l" sh -c "cd '$root' && find . | wc -l"
+    timed "du -s" du -s "$root"
+    timed "ls -l of a $((files / 20))-entry directory" ls -l "$root/part2/2024/05"
+    local deep
+    deep=$(ls "$root/part1/2017/03" | head -1)
+    timed "stat of one deep file" stat "$root/part1/2017/03/$deep"
+}
+
+make_tree
+if has local; then
+    echo "== local disk"
+    mkdir -p "$work/local"
+    import_into "$work/local"
+    reads "$work/local"
+fi
+
+if has one; then
+    echo "== one node"
+    start_node 0
+    import_into "$work/mnt0" 0
+    echo "  store: $(du -sm "$work/d0/db" | cut -f1) MiB on disk for $(du -sm "$tree" | cut -f1) MiB of files"
+    reads "$work/mnt0"
+    umount "$work/mnt0"
+    while [ -n "$(daemon_of 0)" ]; do sleep 0.2; done
+    t=$(now)
+    "$BIN/wpfs" mount "$work/d0" "$work/mnt0" -o allow_other 2>/dev/null
+    echo "  restart: wpfs mount to serving in $(since "$t") s; then $(rss 0)"
+    umount "$work/mnt0"
+fi
+
+if has three; then
+    echo "== three nodes"
+    for n in 1 2 3; do start_node "$n"; done
+    import_into "$work/mnt1" 1
+    wait_replicated 2
+    wait_replicated 3
+    for n in 1 2 3; do
+        echo "  node $n: $(rss "$n"), CPU $(cpu "$n") s, store $(du -sm "$work/d$n/db" | cut -f1) MiB"
+    done
+fi
+
+if has join; then
+    echo "== a fourth node joins"
+    mkdir -p "$work/mnt4"
+    "$BIN/wpfs" join --data "$work/d4" --node-id 4 --listen 127.0.0.1:7494 \
+        --peer 127.0.0.1:7491 --token "$("$BIN/wpfs" token --data "$work/d1")" >/dev/null
+    t=$(now)
+    "$BIN/wpfs" mount "$work/d4" "$work/mnt4" -o allow_other 2>"$work/join.txt"
+    echo "  namespace here (its mount returned) after $(since "$t") s; snapshot $(status 4 |
+        python3 -c "import json,sys; print(json.load(sys.stdin)['snapshot_received']['size'])") bytes"
+    echo "  the mount's progress lines (first and last three):"
+    { head -3; echo "  ..."; tail -3; } <"$work/join.txt" | sed 's/^/    /'
+    wait_replicated 4
+    bytes=$(status 4 | field replicated_bytes)
+    python3 -c "
+t = $(since "$t"); print(f'  every chunk after {t:.1f} s: {$bytes / 1e6:.0f} MB, {$bytes / 1e6 / t:.1f} MB/s')"
+    echo "  node 4: $(rss 4), CPU $(cpu 4) s"
+    grep -h "installed the snapshot" "$work/d4/wpfs.log" | sed 's/^/  log: /'
+fi

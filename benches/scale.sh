@@ -55,10 +55,13 @@ field() { python3 -c "import json,sys; v = json.load(sys.stdin)['$1']; print('nu
 # Seconds since the epoch, with nanoseconds.
 now() { date +%s.%N; }
 since() { python3 -c "print(f'{$(now) - $1:.2f}')"; }
-# Resident memory (current and peak) of node N's daemon, in MiB.
+# Resident memory (current and peak) of node N's daemon, and what of it
+# RocksDB's memtables and block cache hold, in MiB.
 rss() {
     awk '/^VmRSS/{r=$2} /^VmHWM/{h=$2} END {printf "rss %d MiB, peak %d MiB", r/1024, h/1024}' \
         "/proc/$(daemon_of "$1")/status"
+    status "$1" | python3 -c "import json,sys; m = json.load(sys.stdin)['memory']
+print(f\" (memtables {m['rocksdb_memtables_bytes'] >> 20} MiB, block cache {m['rocksdb_block_cache_bytes'] >> 20} MiB)\", end='')"
 }
 # CPU time (user + system) of node N's daemon so far, in seconds.
 cpu() {

@@ -45,6 +45,13 @@ impl StoreError {
     }
 }
 
+/// Bytes RocksDB holds in memory (`Store::memory`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StoreMemory {
+    pub memtables: u64,
+    pub block_cache: u64,
+}
+
 /// The node's RocksDB with its column families.
 #[derive(Clone)]
 pub struct Store {
@@ -118,6 +125,25 @@ impl Store {
                     .sum()
             })
             .unwrap_or(0)
+    }
+
+    /// What RocksDB holds in memory now: the memtables of every column
+    /// family, and the block cache they share.
+    pub fn memory(&self) -> StoreMemory {
+        let int = |cf: &str, property: &str| {
+            self.db
+                .property_int_value_cf(self.cf(cf), property)
+                .ok()
+                .flatten()
+                .unwrap_or(0)
+        };
+        StoreMemory {
+            memtables: [CF_RAFT, CF_META, CF_CHUNKS]
+                .iter()
+                .map(|cf| int(cf, "rocksdb.cur-size-all-mem-tables"))
+                .sum(),
+            block_cache: int(CF_META, "rocksdb.block-cache-usage"),
+        }
     }
 
     /// Makes every write so far durable on disk (fsync of the WAL).

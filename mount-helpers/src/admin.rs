@@ -98,6 +98,7 @@ impl AdminState {
     pub fn status(&self) -> Value {
         let raft = self.core.node().status();
         let store = self.core.namespace().store();
+        let memory = store.memory();
         let replication = self.replicator.status();
         let snapshot = &self.service.snapshot;
         json!({
@@ -129,6 +130,10 @@ impl AdminState {
                 "size": snapshot.size.load(Ordering::Relaxed),
             },
             "store_bytes": store.size_bytes(),
+            "memory": {
+                "rocksdb_memtables_bytes": memory.memtables,
+                "rocksdb_block_cache_bytes": memory.block_cache,
+            },
             "inodes": self.core.namespace().inode_count().unwrap_or(0),
             "chunks": self.core.chunk_count_estimate(),
             "mounted": self.mounted.load(Ordering::Relaxed),

@@ -497,6 +497,18 @@ fn run(req: &MountRequest, config: &NodeConfig, reporter: &mut Reporter) -> Resu
 
 /// Tells systemd (a `Type=notify` unit) how the daemon is; a no-op
 /// elsewhere.
+/// Hands the memory freed since the last call back to the kernel. glibc's
+/// arenas keep what they free (they only shrink from the top): a node's
+/// RSS reached 297 MiB after one 512 MiB file was written, of which
+/// RocksDB's memtables held 48 MiB; trimming every 2 s keeps it near what
+/// is in use. A fixed mmap threshold (`M_MMAP_THRESHOLD`) kept RSS at 94
+/// MiB too, but cost big files 15-18 % of their throughput (each 1 MiB
+/// buffer mapped and faulted in afresh).
+fn give_back_freed_memory() {
+    // SAFETY: malloc_trim only returns free pages of glibc's allocator.
+    unsafe { libc::malloc_trim(0) };
+}
+
 fn systemd_notify(state: sd_notify::NotifyState) {
     if let Err(e) = sd_notify::notify(false, &[state]) {
         tracing::warn!("cannot notify systemd: {e}");
@@ -583,6 +595,7 @@ fn spawn_maintenance(
                         tracing::warn!("chunk collection failed: {e:?}");
                     }
                     replicator.retry();
+                    give_back_freed_memory();
                 }
                 if core.node().status().removed && !dir.join(LEFT_FILE).exists() {
                     tracing::warn!("this node was removed from the cluster: unmounting");

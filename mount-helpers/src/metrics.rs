@@ -97,6 +97,21 @@ fn node_gauges(state: &AdminState, r: &mut Registry) {
         Some(Unit::Bytes),
         state.core.namespace().store().size_bytes(),
     );
+    let memory = state.core.namespace().store().memory();
+    gauge(
+        r,
+        "rocksdb_memtables",
+        "Memory of RocksDB's memtables, all column families",
+        Some(Unit::Bytes),
+        memory.memtables,
+    );
+    gauge(
+        r,
+        "rocksdb_block_cache",
+        "Memory of RocksDB's block cache",
+        Some(Unit::Bytes),
+        memory.block_cache,
+    );
     gauge(
         r,
         "inodes",

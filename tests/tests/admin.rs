@@ -203,6 +203,8 @@ fn every_node_has_an_admin_address_and_metrics_of_its_own() {
             "wpfs_raft_commit_index",
             "wpfs_raft_applied_index",
             "wpfs_store_bytes",
+            "wpfs_rocksdb_memtables_bytes",
+            "wpfs_rocksdb_block_cache_bytes",
             "wpfs_inodes",
             "wpfs_replication_backlog_chunks",
             "wpfs_under_replicated_chunks",
@@ -228,6 +230,12 @@ fn every_node_has_an_admin_address_and_metrics_of_its_own() {
         assert_eq!(value(m, "wpfs_healthy", &[]), 1.0, "node {id}");
         assert!(value(m, "wpfs_inodes", &[]) >= 22.0, "node {id}");
         assert!(value(m, "wpfs_store_bytes", &[]) > 3e6, "node {id}");
+        // The workload's writes sit in the memtables (far below 64 MiB).
+        let memtables = value(m, "wpfs_rocksdb_memtables_bytes", &[]);
+        assert!(
+            memtables > 1e5 && memtables < 64e6,
+            "node {id}: {memtables}"
+        );
         assert_eq!(value(m, "wpfs_under_replicated_chunks", &[]), 0.0);
         assert_eq!(value(m, "wpfs_under_replicated_bytes", &[]), 0.0);
         let reserve = value(m, "wpfs_disk_min_free_bytes", &[]);

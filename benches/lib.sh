@@ -7,7 +7,7 @@ BIN=${BIN:-/var/tmp/wpfs-target/debug}
 [ -x "$BIN/wpfs" ] || { echo "no wpfs in $BIN: run 'make build' or set BIN" >&2; exit 1; }
 
 # Node N keeps its data in $work/dN, is mounted at $work/mntN and talks
-# to its peers on 127.0.0.1:749N. Node 0 is a cluster of its own (the
+# to its peers on 127.0.0.1:(7490 + N). Node 0 is a cluster of its own (the
 # one-node target); nodes 1, 2, 3… form one cluster that node 1 founds.
 # The functions need $work, the run's directory.
 
@@ -15,12 +15,13 @@ start_node() {
     local n=$1
     mkdir -p "$work/mnt$n"
     if [ "$n" = 0 ] || [ "$n" = 1 ]; then
-        "$BIN/wpfs" init --data "$work/d$n" --node-id 1 --listen "127.0.0.1:749$n" >/dev/null
+        "$BIN/wpfs" init --data "$work/d$n" --node-id 1 --listen "127.0.0.1:$((7490 + n))" >/dev/null
     else
-        "$BIN/wpfs" join --data "$work/d$n" --node-id "$n" --listen "127.0.0.1:749$n" \
+        "$BIN/wpfs" join --data "$work/d$n" --node-id "$n" --listen "127.0.0.1:$((7490 + n))" \
             --peer 127.0.0.1:7491 --token "$("$BIN/wpfs" token --data "$work/d1")" >/dev/null
     fi
-    "$BIN/wpfs" mount "$work/d$n" "$work/mnt$n" -o allow_other 2>/dev/null
+    # What the mount prints (a join's progress lines) goes to $work/mountN.txt.
+    "$BIN/wpfs" mount "$work/d$n" "$work/mnt$n" -o allow_other 2>"$work/mount$n.txt"
 }
 
 # The daemon serving node N.
@@ -29,4 +30,26 @@ daemon_of() { pgrep -f "wpfs mount $work/d$1 " | head -1; }
 stop_nodes() {
     for m in "$work"/mnt*; do umount "$m" 2>/dev/null || true; done
     sleep 1
+}
+
+# Node N's status, and one field of it ("null" for none).
+status() { "$BIN/wpfs" status --data "$work/d$1" --json; }
+field() { python3 -c "import json,sys; v = json.load(sys.stdin)['$1']; print('null' if v is None else v)"; }
+
+# Seconds since the epoch, with nanoseconds; seconds since T.
+now() { date +%s.%N; }
+since() { python3 -c "print(f'{$(now) - $1:.2f}')"; }
+
+# CPU time (user + system) of node N's daemon so far, in seconds.
+cpu() {
+    awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' \
+        "/proc/$(daemon_of "$1")/stat"
+}
+
+# Waits until node N holds every chunk its namespace references.
+wait_replicated() {
+    until [ "$(status "$1" | field replication_backlog_chunks)" = 0 ] &&
+          [ "$(status "$1" | field replication_scan_percent)" = null ]; do
+        sleep 0.2
+    done
 }

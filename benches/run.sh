@@ -47,8 +47,6 @@ trap cleanup EXIT
 results=$work/results.jsonl
 mkdir -p "$work/local"
 
-status() { "$BIN/wpfs" status --data "$work/d$1" --json; }
-field() { python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
 
 # CPU time the host took from this VM (/proc/stat "steal"), in ticks.
 steal() { awk '/^cpu /{print $9}' /proc/stat; }
@@ -88,11 +86,8 @@ if [ "$nodes" = 3 ]; then
     head -c $((256 << 20)) /dev/urandom > "$work/mnt1/catchup/media.bin"
     started=$(date +%s.%N)
     start_node 4
-    until [ "$(status 4 | field replication_backlog_chunks)" = 0 ] &&
-          [ "$(status 4 | field replication_scan_percent)" = None ] &&
-          [ "$(status 4 | field replicated_bytes)" -gt $((256 << 20)) ]; do
-        sleep 0.2
-    done
+    until [ "$(status 4 | field replicated_bytes)" -gt $((256 << 20)) ]; do sleep 0.2; done
+    wait_replicated 4
     ended=$(date +%s.%N)
     bytes=$(status 4 | field replicated_bytes)
     python3 -c "

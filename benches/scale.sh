@@ -50,11 +50,6 @@ trap cleanup EXIT
 tree=$work/tree
 echo "work directory: $work; $files files"
 
-status() { "$BIN/wpfs" status --data "$work/d$1" --json; }
-field() { python3 -c "import json,sys; v = json.load(sys.stdin)['$1']; print('null' if v is None else v)"; }
-# Seconds since the epoch, with nanoseconds.
-now() { date +%s.%N; }
-since() { python3 -c "print(f'{$(now) - $1:.2f}')"; }
 # Resident memory (current and peak) of node N's daemon, and what of it
 # RocksDB's memtables and block cache hold, in MiB.
 rss() {
@@ -62,11 +57,6 @@ rss() {
         "/proc/$(daemon_of "$1")/status"
     status "$1" | python3 -c "import json,sys; m = json.load(sys.stdin)['memory']
 print(f\" (memtables {m['rocksdb_memtables_bytes'] >> 20} MiB, block cache {m['rocksdb_block_cache_bytes'] >> 20} MiB)\", end='')"
-}
-# CPU time (user + system) of node N's daemon so far, in seconds.
-cpu() {
-    awk -v hz="$(getconf CLK_TCK)" '{printf "%.1f", ($14 + $15) / hz}' \
-        "/proc/$(daemon_of "$1")/stat"
 }
 cold() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 # `timed LABEL CMD...`: runs CMD with a cold kernel cache, prints seconds.
@@ -77,13 +67,6 @@ timed() {
     t=$(now)
     "$@" >/dev/null
     echo "  $label: $(since "$t") s"
-}
-# Waits until node N holds every chunk its namespace references.
-wait_replicated() {
-    until [ "$(status "$1" | field replication_backlog_chunks)" = 0 ] &&
-          [ "$(status "$1" | field replication_scan_percent)" = null ]; do
-        sleep 1
-    done
 }
 
 # The tree, made once: two parts (a tenth, the rest) so that memory can
@@ -102,7 +85,7 @@ for part in ("part1", "part2"):
 first = files // 10
 for i in range(files):
     part = "part1" if i < first else "part2"
-    d = big_dir if i % 10 == 0 and part == "part2" else rng.choice(months)
+    d = big_dir if i % 9 == 0 and part == "part2" else rng.choice(months)
     # lognormal around 2 KiB, 400 B to 16 KiB
     size = int(min(16384, max(400, rng.lognormvariate(7.6, 0.9))))
     with open(os.path.join(root, part, d, f"image-{i}-{size}.jpg"), "wb") as f:
@@ -140,7 +123,7 @@ reads() {
     local root=$1
     timed "find . | wc -l" sh -c "cd '$root' && find . | wc -l"
     timed "du -s" du -s "$root"
-    timed "ls -l of a $((files / 20))-entry directory" ls -l "$root/part2/2024/05"
+    timed "ls -l of a $(ls -f "$root/part2/2024/05" | wc -l)-entry directory" ls -l "$root/part2/2024/05"
     local deep
     deep=$(ls "$root/part1/2017/03" | head -1)
     timed "stat of one deep file" stat "$root/part1/2017/03/$deep"
@@ -152,6 +135,7 @@ if has local; then
     mkdir -p "$work/local"
     import_into "$work/local"
     reads "$work/local"
+    rm -rf "$work/local" # room for the nodes' stores
 fi
 
 if has one; then
@@ -166,6 +150,7 @@ if has one; then
     "$BIN/wpfs" mount "$work/d0" "$work/mnt0" -o allow_other 2>/dev/null
     echo "  restart: wpfs mount to serving in $(since "$t") s; then $(rss 0)"
     umount "$work/mnt0"
+    rm -rf "$work/d0"
 fi
 
 if has three; then
@@ -181,15 +166,12 @@ fi
 
 if has join; then
     echo "== a fourth node joins"
-    mkdir -p "$work/mnt4"
-    "$BIN/wpfs" join --data "$work/d4" --node-id 4 --listen 127.0.0.1:7494 \
-        --peer 127.0.0.1:7491 --token "$("$BIN/wpfs" token --data "$work/d1")" >/dev/null
     t=$(now)
-    "$BIN/wpfs" mount "$work/d4" "$work/mnt4" -o allow_other 2>"$work/join.txt"
+    start_node 4
     echo "  namespace here (its mount returned) after $(since "$t") s; snapshot $(status 4 |
         python3 -c "import json,sys; print(json.load(sys.stdin)['snapshot_received']['size'])") bytes"
     echo "  the mount's progress lines (first and last three):"
-    { head -3; echo "  ..."; tail -3; } <"$work/join.txt" | sed 's/^/    /'
+    { head -3; echo "  ..."; tail -3; } <"$work/mount4.txt" | sed 's/^/    /'
     wait_replicated 4
     bytes=$(status 4 | field replicated_bytes)
     python3 -c "

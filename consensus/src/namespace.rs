@@ -408,11 +408,6 @@ impl Namespace {
         self.scan_tag(b'm', decode)
     }
 
-    /// Every inode number in use.
-    pub fn inode_numbers(&self) -> Result<Vec<u64>> {
-        self.scan_tag(b'i', |k, _| Ok(read_be(&k[1..])))
-    }
-
     /// Up to `limit` of the chunks the namespace references (the `r`
     /// counts), in hash order after `after` (from the first when None):
     /// a node checks which of them it holds a step at a time, never

@@ -460,18 +460,22 @@ impl Inner {
                     }
                 }
                 d.store(true, Ordering::Relaxed);
+                l.wake();
             });
+        // No timer: a sender whose frame was queued wakes this thread, and
+        // so does the reader when the connection ends. An idle link costs
+        // no wakeups (a leader has one per member).
         let why = loop {
             if dead.load(Ordering::Relaxed) {
                 break "connection closed by the peer".to_string();
             }
-            match wake.recv_timeout(Duration::from_millis(100)) {
-                Ok(()) | Err(RecvError::Timeout) => {
+            match wake.recv() {
+                Some(()) => {
                     if let Err(e) = stream.flush() {
                         break e.to_string();
                     }
                 }
-                Err(RecvError::Closed) => break "stopped".into(),
+                None => break "stopped".into(),
             }
         };
         stream.shutdown();

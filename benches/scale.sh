@@ -147,9 +147,14 @@ if has one; then
     umount "$work/mnt0"
     while [ -n "$(daemon_of 0)" ]; do sleep 0.2; done
     t=$(now)
-    "$BIN/wpfs" mount "$work/d0" "$work/mnt0" -o allow_other 2>/dev/null
-    echo "  restart: wpfs mount to serving in $(since "$t") s; then $(rss 0)"
-    umount "$work/mnt0"
+    if "$BIN/wpfs" mount "$work/d0" "$work/mnt0" -o allow_other 2>"$work/restart.txt"; then
+        echo "  restart: wpfs mount to serving in $(since "$t") s; then $(rss 0)"
+        umount "$work/mnt0"
+    else
+        echo "  restart: wpfs mount failed after $(since "$t") s:"
+        sed 's/^/    /' "$work/restart.txt"
+        tail -5 "$work/d0/wpfs.log" | sed 's/^/    log: /'
+    fi
     rm -rf "$work/d0"
 fi
 

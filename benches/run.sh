@@ -47,7 +47,6 @@ trap cleanup EXIT
 results=$work/results.jsonl
 mkdir -p "$work/local"
 
-
 # CPU time the host took from this VM (/proc/stat "steal"), in ticks.
 steal() { awk '/^cpu /{print $9}' /proc/stat; }
 

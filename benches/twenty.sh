@@ -44,18 +44,13 @@ cleanup() {
 }
 trap cleanup EXIT
 all=$(seq "$nodes")
-others() { for n in $all; do [ "$n" = "$1" ] || echo "$n"; done; }
 members() { status 1 | python3 -c "import json,sys; s = json.load(sys.stdin); print(len(s['$1']))"; }
-# Percent of one core that each node of "$@" used since the CPU times in
-# file $work/cpu.before were taken, over $1 seconds: "node %" lines.
-cpu_percent() {
-    local seconds=$1
-    shift
-    for n in "$@"; do
-        echo "$n $(python3 -c "print(f'{($(cpu "$n") - $(grep "^$n " "$work/cpu.before" | cut -d' ' -f2)) / $seconds * 100:.2f}')")"
-    done
-}
+# Every daemon's CPU time now, kept in $work/cpu.before; `cpu_since N
+# SCALE` prints node N's CPU seconds since then, times SCALE.
 take_cpu() { for n in $all; do echo "$n $(cpu "$n")"; done >"$work/cpu.before"; }
+cpu_since() {
+    python3 -c "print(f'{($(cpu "$1") - $(grep "^$1 " "$work/cpu.before" | cut -d' ' -f2)) * $2:.2f}')"
+}
 # "median max" of the second column of stdin.
 median_max() { sort -g -k2 | awk '{v[NR] = $2} END {printf "median %s, max %s", v[int((NR + 1) / 2)], v[NR]}'; }
 
@@ -71,7 +66,7 @@ echo "== idle CPU (30 s, % of one core)"
 sleep 5
 take_cpu
 sleep 30
-cpu_percent 30 $all >"$work/idle"
+for n in $all; do echo "$n $(cpu_since "$n" "100 / 30")"; done >"$work/idle"
 echo "  leader: $(grep "^$leader " "$work/idle" | cut -d' ' -f2) %"
 echo "  others: $(grep -v "^$leader " "$work/idle" | median_max) %"
 
@@ -96,7 +91,7 @@ for n in $all; do
     until [ -e "$work/mnt$n/writes/w$((writes - 1))" ]; do sleep 0.1; done
     wait_replicated "$n"
 done
-per_write() { python3 -c "print(f'{($(cpu "$1") - $(grep "^$1 " "$work/cpu.before" | cut -d' ' -f2)) / $writes * 1e6:.0f}')"; }
+per_write() { cpu_since "$1" "1e6 / $writes"; }
 echo "  wall: $(python3 -c "print(f'{$wall / $writes * 1e6:.0f}')") µs per write"
 echo "  CPU per write: leader $(per_write "$leader") µs, voter (node $voter) $(per_write "$voter") µs${learner:+, learner (node $learner) $(per_write "$learner") µs}"
 

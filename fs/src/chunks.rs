@@ -144,6 +144,19 @@ impl ChunkStore {
         &self.space
     }
 
+    /// Which of `hashes` are not stored here. Unlike `contains`, it reads
+    /// no chunk's bytes (`KeyProbe`), so it is the one for many hashes.
+    pub fn absent(&self, hashes: &[Hash]) -> Result<Vec<Hash>> {
+        let mut probe = self.store.key_probe(CF_CHUNKS);
+        let mut absent = Vec::new();
+        for hash in hashes {
+            if !probe.contains(hash)? {
+                absent.push(*hash);
+            }
+        }
+        Ok(absent)
+    }
+
     pub fn contains(&self, hash: &Hash) -> Result<bool> {
         Ok(self
             .store

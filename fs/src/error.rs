@@ -29,6 +29,13 @@ impl From<rocksdb::Error> for Errno {
     }
 }
 
+impl From<wpfs_consensus::StoreError> for Errno {
+    fn from(e: wpfs_consensus::StoreError) -> Self {
+        tracing::error!("store failed: {e}");
+        store_errno(&e.to_string())
+    }
+}
+
 impl From<ProposeError> for Errno {
     fn from(e: ProposeError) -> Self {
         tracing::error!("write refused: {e}");

@@ -186,11 +186,12 @@ impl Replicator {
     /// Queues the chunks of `hashes` that are not here while the backlog
     /// has room; whether any had to be dropped.
     fn queue_missing(&self, hashes: impl IntoIterator<Item = Hash>, from: u64) -> bool {
+        let hashes: Vec<Hash> = hashes.into_iter().collect();
+        // A failed read (logged) counts them all absent: fetching a chunk
+        // that is here already stores nothing.
+        let absent = self.chunks.absent(&hashes).unwrap_or(hashes);
         let mut dropped = false;
-        for hash in hashes {
-            if self.chunks.contains(&hash).unwrap_or(false) {
-                continue;
-            }
+        for hash in absent {
             let mut backlog = self.backlog.lock();
             if backlog.len() >= BACKLOG_MAX {
                 dropped = true;

@@ -94,8 +94,8 @@ impl Store {
         // filter block outgrows a shard (about 1.5 MB per 64 MiB table),
         // so it was evicted as soon as read, and every lookup read and
         // checksummed it again: at 1,000,000 files `ls -l` of a
-        // 104,000-entry directory took 169 s, nearly all CPU; 6.8 s with
-        // one shard.
+        // 104,000-entry directory took 169 s, nearly all CPU, and 7-9 s
+        // with one shard.
         let mut lru = LruCacheOptions::default();
         lru.set_capacity(BLOCK_CACHE_BYTES);
         lru.set_num_shard_bits(0);

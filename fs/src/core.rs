@@ -35,8 +35,25 @@ use crate::replication::Replicator;
 /// Inode numbers reserved at a time for files created without waiting.
 const RESERVE_BATCH: u64 = 1024;
 
-/// POSIX ACLs would be stored but not enforced: refuse them instead.
-const ACL_XATTRS: [&[u8]; 2] = [b"system.posix_acl_access", b"system.posix_acl_default"];
+/// Attributes wpfs would store but nothing would enforce or use: POSIX
+/// ACLs (`default_permissions` checks the mode bits only) and SELinux
+/// labels (SELinux labels a FUSE mount as a whole, `context=`). Reads of
+/// them are refused too, not answered ENODATA: after one EOPNOTSUPP, `ls
+/// -l` takes the whole mount as lacking them, where ENODATA made it ask
+/// for both on every file it lists (two FUSE round trips per entry, most
+/// of `ls -l`'s time in a large directory).
+const UNSUPPORTED_XATTRS: [&[u8]; 3] = [
+    b"system.posix_acl_access",
+    b"system.posix_acl_default",
+    b"security.selinux",
+];
+
+fn check_supported(xattr: &[u8]) -> Result<()> {
+    if UNSUPPORTED_XATTRS.contains(&xattr) {
+        return err(libc::EOPNOTSUPP);
+    }
+    Ok(())
+}
 
 #[derive(Clone, Debug)]
 pub struct CoreOptions {
@@ -390,6 +407,7 @@ impl FsCore {
     }
 
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
+        check_supported(name)?;
         let inode = self.getattr(ino)?;
         inode
             .xattrs
@@ -404,6 +422,9 @@ impl FsCore {
         let inode = self.getattr(ino)?;
         let mut out = Vec::new();
         for x in inode.xattrs {
+            if check_supported(&x.name).is_err() {
+                continue; // stored by a release that accepted it
+            }
             out.extend_from_slice(&x.name);
             out.push(0);
         }
@@ -620,9 +641,7 @@ impl FsCore {
     }
 
     pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
-        if ACL_XATTRS.contains(&name) {
-            return err(libc::EOPNOTSUPP);
-        }
+        check_supported(name)?;
         if name.is_empty() || name.len() > 255 {
             return err(libc::ERANGE);
         }
@@ -642,6 +661,7 @@ impl FsCore {
     }
 
     pub fn removexattr(&self, ino: u64, name: &[u8]) -> Result<()> {
+        check_supported(name)?;
         self.propose(
             Op::RemoveXattr(proto::RemoveXattr {
                 ino,

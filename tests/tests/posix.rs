@@ -499,6 +499,61 @@ fn links_symlinks_xattrs_special_files_attributes() {
         let r = check(unsafe { libc::mkfifo(c(&p).as_ptr(), 0o640) });
         (r, stat_summary(&p).map(|s| s.0))
     });
+
+    // ACLs and SELinux labels would be stored and never enforced: refused,
+    // reads included, so `ls -l` asks for them once per mount, not twice
+    // per file. A user attribute on the same file still works.
+    let p = node.path("xattrs"); // a directory takes a default ACL too
+                                 // version 2; user::rw-, group::r--, other::r--
+    let acl: Vec<u8> = [
+        2u32.to_le_bytes().to_vec(),
+        entry(0x01, 6),
+        entry(0x04, 4),
+        entry(0x20, 4),
+    ]
+    .concat();
+    for attr in [
+        "system.posix_acl_access",
+        "system.posix_acl_default",
+        "security.selinux",
+    ] {
+        let name = CString::new(attr).unwrap();
+        let mut buf = [0u8; 64];
+        let got = unsafe {
+            libc::getxattr(
+                c(&p).as_ptr(),
+                name.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        assert_eq!((got, last_errno()), (-1, libc::EOPNOTSUPP), "get {attr}");
+        let set = unsafe {
+            libc::setxattr(
+                c(&p).as_ptr(),
+                name.as_ptr(),
+                acl.as_ptr().cast(),
+                acl.len(),
+                0,
+            )
+        };
+        assert_eq!(check(set), Err(libc::EOPNOTSUPP), "set {attr}");
+    }
+    let name = CString::new("user.still").unwrap();
+    check(unsafe { libc::setxattr(c(&p).as_ptr(), name.as_ptr(), b"ok".as_ptr().cast(), 2, 0) })
+        .unwrap();
+    let mut list = [0u8; 256];
+    let n = unsafe { libc::listxattr(c(&p).as_ptr(), list.as_mut_ptr().cast(), list.len()) };
+    assert_eq!(&list[..n.max(0) as usize], b"user.still\0");
+}
+
+/// One entry of a POSIX ACL as setfacl writes it in the xattr: tag, permissions, id.
+fn entry(tag: u16, perm: u16) -> Vec<u8> {
+    [tag.to_le_bytes(), perm.to_le_bytes()]
+        .concat()
+        .into_iter()
+        .chain(u32::MAX.to_le_bytes())
+        .collect()
 }
 
 /// Files of several GiB: a 1.1 GiB file written and read back whole, and a

@@ -256,6 +256,9 @@ impl Namespace {
                     }
                 }
             }
+            if batch.is_empty() {
+                break;
+            }
             size = (size * 2).min(READ_DIR_MAX_BATCH);
             for (cookie, name, entry) in self.entries_named(dir, &batch)? {
                 if !f(cookie, name, entry) {

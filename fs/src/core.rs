@@ -49,10 +49,15 @@ const UNSUPPORTED_XATTRS: [&[u8]; 3] = [
 ];
 
 fn check_supported(xattr: &[u8]) -> Result<()> {
-    if UNSUPPORTED_XATTRS.contains(&xattr) {
-        return err(libc::EOPNOTSUPP);
+    if is_supported(xattr) {
+        Ok(())
+    } else {
+        err(libc::EOPNOTSUPP)
     }
-    Ok(())
+}
+
+fn is_supported(xattr: &[u8]) -> bool {
+    !UNSUPPORTED_XATTRS.contains(&xattr)
 }
 
 #[derive(Clone, Debug)]
@@ -421,10 +426,8 @@ impl FsCore {
     pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>> {
         let inode = self.getattr(ino)?;
         let mut out = Vec::new();
-        for x in inode.xattrs {
-            if check_supported(&x.name).is_err() {
-                continue; // stored by a release that accepted it
-            }
+        // A refused name may have been stored by a release that took it.
+        for x in inode.xattrs.iter().filter(|x| is_supported(&x.name)) {
             out.extend_from_slice(&x.name);
             out.push(0);
         }

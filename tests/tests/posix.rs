@@ -24,6 +24,42 @@ fn check(rc: libc::c_int) -> R<()> {
     }
 }
 
+/// getxattr(2) into a buffer of `size` bytes.
+fn get_xattr(p: &Path, name: &str, size: usize) -> R<Vec<u8>> {
+    let name = CString::new(name).unwrap();
+    let mut buf = vec![0u8; size];
+    let n = unsafe { libc::getxattr(c(p).as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), size) };
+    if n < 0 {
+        return Err(last_errno());
+    }
+    buf.truncate(n as usize);
+    Ok(buf)
+}
+
+fn set_xattr(p: &Path, name: &str, value: &[u8], flags: i32) -> R<()> {
+    let name = CString::new(name).unwrap();
+    check(unsafe {
+        libc::setxattr(
+            c(p).as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    })
+}
+
+/// listxattr(2): the names, each followed by a NUL.
+fn list_xattr(p: &Path) -> R<Vec<u8>> {
+    let mut buf = vec![0u8; 256];
+    let n = unsafe { libc::listxattr(c(p).as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(last_errno());
+    }
+    buf.truncate(n as usize);
+    Ok(buf)
+}
+
 fn open(p: &Path, flags: i32, mode: u32) -> R<i32> {
     let fd = unsafe { libc::open(c(p).as_ptr(), flags | libc::O_CLOEXEC, mode) };
     if fd < 0 {
@@ -451,46 +487,15 @@ fn links_symlinks_xattrs_special_files_attributes() {
         let p = d.join("f");
         write_file(&p, b"x").unwrap();
         let name = CString::new("user.wp").unwrap();
-        let set = |flags| {
-            check(unsafe {
-                libc::setxattr(
-                    c(&p).as_ptr(),
-                    name.as_ptr(),
-                    b"v1".as_ptr().cast(),
-                    2,
-                    flags,
-                )
-            })
-        };
-        let r1 = set(libc::XATTR_REPLACE); // ENODATA
-        let r2 = set(libc::XATTR_CREATE);
-        let r3 = set(libc::XATTR_CREATE); // EEXIST
-        let mut buf = [0u8; 64];
-        let n = unsafe {
-            libc::getxattr(
-                c(&p).as_ptr(),
-                name.as_ptr(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-            )
-        };
-        let small =
-            unsafe { libc::getxattr(c(&p).as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), 1) };
-        let small_errno = last_errno();
-        let mut list = [0u8; 256];
-        let ln = unsafe { libc::listxattr(c(&p).as_ptr(), list.as_mut_ptr().cast(), list.len()) };
-        let r4 = check(unsafe { libc::removexattr(c(&p).as_ptr(), name.as_ptr()) });
-        let r5 = check(unsafe { libc::removexattr(c(&p).as_ptr(), name.as_ptr()) }); // ENODATA
         (
-            r1,
-            r2,
-            r3,
-            buf[..n.max(0) as usize].to_vec(),
-            small,
-            small_errno,
-            list[..ln.max(0) as usize].to_vec(),
-            r4,
-            r5,
+            set_xattr(&p, "user.wp", b"v1", libc::XATTR_REPLACE), // ENODATA
+            set_xattr(&p, "user.wp", b"v1", libc::XATTR_CREATE),
+            set_xattr(&p, "user.wp", b"v1", libc::XATTR_CREATE), // EEXIST
+            get_xattr(&p, "user.wp", 64),
+            get_xattr(&p, "user.wp", 1), // ERANGE
+            list_xattr(&p),
+            check(unsafe { libc::removexattr(c(&p).as_ptr(), name.as_ptr()) }),
+            check(unsafe { libc::removexattr(c(&p).as_ptr(), name.as_ptr()) }), // ENODATA
         )
     });
 
@@ -502,14 +507,15 @@ fn links_symlinks_xattrs_special_files_attributes() {
 
     // ACLs and SELinux labels would be stored and never enforced: refused,
     // reads included, so `ls -l` asks for them once per mount, not twice
-    // per file. A user attribute on the same file still works.
-    let p = node.path("xattrs"); // a directory takes a default ACL too
-                                 // version 2; user::rw-, group::r--, other::r--
+    // per file. A user attribute on the same directory (which takes a
+    // default ACL too) still works.
+    let p = node.path("xattrs");
+    // version 2; user::rw-, group::r--, other::r--
     let acl: Vec<u8> = [
         2u32.to_le_bytes().to_vec(),
-        entry(0x01, 6),
-        entry(0x04, 4),
-        entry(0x20, 4),
+        acl_entry(0x01, 6),
+        acl_entry(0x04, 4),
+        acl_entry(0x20, 4),
     ]
     .concat();
     for attr in [
@@ -517,43 +523,23 @@ fn links_symlinks_xattrs_special_files_attributes() {
         "system.posix_acl_default",
         "security.selinux",
     ] {
-        let name = CString::new(attr).unwrap();
-        let mut buf = [0u8; 64];
-        let got = unsafe {
-            libc::getxattr(
-                c(&p).as_ptr(),
-                name.as_ptr(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-            )
-        };
-        assert_eq!((got, last_errno()), (-1, libc::EOPNOTSUPP), "get {attr}");
-        let set = unsafe {
-            libc::setxattr(
-                c(&p).as_ptr(),
-                name.as_ptr(),
-                acl.as_ptr().cast(),
-                acl.len(),
-                0,
-            )
-        };
-        assert_eq!(check(set), Err(libc::EOPNOTSUPP), "set {attr}");
+        assert_eq!(get_xattr(&p, attr, 64), Err(libc::EOPNOTSUPP), "get {attr}");
+        assert_eq!(
+            set_xattr(&p, attr, &acl, 0),
+            Err(libc::EOPNOTSUPP),
+            "set {attr}"
+        );
     }
-    let name = CString::new("user.still").unwrap();
-    check(unsafe { libc::setxattr(c(&p).as_ptr(), name.as_ptr(), b"ok".as_ptr().cast(), 2, 0) })
-        .unwrap();
-    let mut list = [0u8; 256];
-    let n = unsafe { libc::listxattr(c(&p).as_ptr(), list.as_mut_ptr().cast(), list.len()) };
-    assert_eq!(&list[..n.max(0) as usize], b"user.still\0");
+    set_xattr(&p, "user.still", b"ok", 0).unwrap();
+    assert_eq!(list_xattr(&p), Ok(b"user.still\0".to_vec()));
 }
 
-/// One entry of a POSIX ACL as setfacl writes it in the xattr: tag, permissions, id.
-fn entry(tag: u16, perm: u16) -> Vec<u8> {
-    [tag.to_le_bytes(), perm.to_le_bytes()]
-        .concat()
-        .into_iter()
-        .chain(u32::MAX.to_le_bytes())
-        .collect()
+/// One entry of a POSIX ACL as setfacl writes it in the xattr: tag,
+/// permissions, and an id that these three tags do not use.
+fn acl_entry(tag: u16, perm: u16) -> Vec<u8> {
+    let mut e = [tag.to_le_bytes(), perm.to_le_bytes()].concat();
+    e.extend(u32::MAX.to_le_bytes());
+    e
 }
 
 /// Files of several GiB: a 1.1 GiB file written and read back whole, and a

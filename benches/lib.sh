@@ -11,14 +11,20 @@ BIN=${BIN:-/var/tmp/wpfs-target/debug}
 # one-node target); nodes 1, 2, 3… form one cluster that node 1 founds.
 # The functions need $work, the run's directory.
 
+# `start_node N [FOUNDER]`: node N joins the cluster node FOUNDER (default
+# 1) founded; nodes 0 and 1 found their own. A store already in $work/dN
+# is mounted as it is.
 start_node() {
-    local n=$1
+    local n=$1 founder=${2:-1}
     mkdir -p "$work/mnt$n"
-    if [ "$n" = 0 ] || [ "$n" = 1 ]; then
+    if [ -e "$work/d$n/wpfs.json" ]; then
+        :
+    elif [ "$n" = 0 ] || [ "$n" = 1 ]; then
         "$BIN/wpfs" init --data "$work/d$n" --node-id 1 --listen "127.0.0.1:$((7490 + n))" >/dev/null
     else
         "$BIN/wpfs" join --data "$work/d$n" --node-id "$n" --listen "127.0.0.1:$((7490 + n))" \
-            --peer 127.0.0.1:7491 --token "$("$BIN/wpfs" token --data "$work/d1")" >/dev/null
+            --peer "127.0.0.1:$((7490 + founder))" \
+            --token "$("$BIN/wpfs" token --data "$work/d$founder")" >/dev/null
     fi
     # What the mount prints (a join's progress lines) goes to $work/mountN.txt.
     "$BIN/wpfs" mount "$work/d$n" "$work/mnt$n" -o allow_other 2>"$work/mount$n.txt"

@@ -3,7 +3,7 @@
 # against the same tree on local disk, in one run (docs/performance.md,
 # "A real site's size").
 #
-#   benches/scale.sh [--files N] [--phases local,one,three,join]
+#   benches/scale.sh [--files N] [--phases local,one,three,join] [--seed DIR]
 #
 # The tree: N files (default 1,000,000) in YYYY/MM directories, one of
 # which holds a tenth of them (100,000 at 1M); sizes scaled down 12× from
@@ -20,9 +20,16 @@
 #          restart (wpfs mount of the stopped node until it serves)
 #   three  a three-node cluster: cp -a into node 1; every daemon's RSS and
 #          CPU time, store sizes
-#   join   (after three) a fourth node joins: snapshot size, time until it
-#          has the namespace (its mount returns), until it has every chunk,
-#          MB/s, its mount's progress lines, its peak RSS
+#   join   a fourth node joins the three (or, without three, the one
+#          node): snapshot size, time until it has the namespace (its mount
+#          returns), until it has every chunk, MB/s, its mount's progress
+#          lines, its peak RSS
+#
+# --seed DIR: the one node starts from a copy of DIR, a one-node store of
+# the same tree that an earlier run kept (SCALE_KEEP=1 keeps the work
+# directory; its store is d0 with --phases one,join), instead of copying
+# the tree in: the reads, the restart and the join at 1M files without
+# the copy's half hour.
 #
 # Needs about 4 GB of free disk per node at 1M files. Builds nothing: run
 # `make build` first (or set BIN to a release build's directory).
@@ -32,10 +39,12 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 
 files=1000000
 phases=local,one,three,join
+seed=
 while [ $# -gt 0 ]; do
     case $1 in
         --files) files=$2; shift 2 ;;
         --phases) phases=$2; shift 2 ;;
+        --seed) seed=$2; shift 2 ;;
         *) echo "unknown option $1 (see the head of $0)" >&2; exit 2 ;;
     esac
 done
@@ -125,7 +134,7 @@ reads() {
     timed "du -s" du -s "$root"
     timed "ls -l of a $(ls -f "$root/part2/2024/05" | wc -l)-entry directory" ls -l "$root/part2/2024/05"
     local deep
-    deep=$(ls "$root/part1/2017/03" | head -1)
+    deep=$(ls "$root/part1/2017/03" | sed -n 1p) # not head: ls would die of SIGPIPE
     timed "stat of one deep file" stat "$root/part1/2017/03/$deep"
 }
 
@@ -140,22 +149,32 @@ fi
 
 if has one; then
     echo "== one node"
-    start_node 0
-    import_into "$work/mnt0" 0
-    echo "  store: $(du -sm "$work/d0/db" | cut -f1) MiB on disk for $(du -sm "$tree" | cut -f1) MiB of files"
+    if [ -n "$seed" ]; then
+        echo "  from a copy of $seed (no copy of the tree)"
+        rm -rf "$work/d0"
+        cp -a "$seed" "$work/d0"
+        start_node 0
+    else
+        start_node 0
+        import_into "$work/mnt0" 0
+    fi
+    echo "  store: $(du -sm "$work/d0/db" | cut -f1) MiB on disk for $(du -sm --apparent-size "$tree/" | cut -f1) MiB of files"
+    wait_replicated 0 # the start's scan for missing chunks (a seed's) ends first
     reads "$work/mnt0"
     umount "$work/mnt0"
     while [ -n "$(daemon_of 0)" ]; do sleep 0.2; done
     t=$(now)
     if "$BIN/wpfs" mount "$work/d0" "$work/mnt0" -o allow_other 2>"$work/restart.txt"; then
         echo "  restart: wpfs mount to serving in $(since "$t") s; then $(rss 0)"
-        umount "$work/mnt0"
     else
         echo "  restart: wpfs mount failed after $(since "$t") s:"
         sed 's/^/    /' "$work/restart.txt"
         tail -5 "$work/d0/wpfs.log" | sed 's/^/    log: /'
     fi
-    rm -rf "$work/d0"
+    if has three || ! has join; then
+        umount "$work/mnt0" 2>/dev/null || true
+        [ -n "${SCALE_KEEP:-}" ] || rm -rf "$work/d0"
+    fi
 fi
 
 if has three; then
@@ -170,9 +189,11 @@ if has three; then
 fi
 
 if has join; then
-    echo "== a fourth node joins"
+    founder=1
+    has three || founder=0
+    echo "== a new node (4) joins the cluster of node $founder"
     t=$(now)
-    start_node 4
+    start_node 4 "$founder"
     echo "  namespace here (its mount returned) after $(since "$t") s; snapshot $(status 4 |
         python3 -c "import json,sys; print(json.load(sys.stdin)['snapshot_received']['size'])") bytes"
     echo "  the mount's progress lines (first and last three):"

@@ -290,6 +290,7 @@ fn block_stop_signals() -> libc::sigset_t {
 
 fn run(req: &MountRequest, config: &NodeConfig, reporter: &mut Reporter) -> Result<(), String> {
     init_logging(req.options.log.as_deref());
+    limit_malloc_arenas();
     let signals = block_stop_signals();
     if req.dir.join(LEFT_FILE).exists() {
         return Err(format!(
@@ -495,8 +496,6 @@ fn run(req: &MountRequest, config: &NodeConfig, reporter: &mut Reporter) -> Resu
     served.map_err(|e| format!("FUSE session ended with an error: {e}"))
 }
 
-/// Tells systemd (a `Type=notify` unit) how the daemon is; a no-op
-/// elsewhere.
 /// Hands the memory freed since the last call back to the kernel. glibc's
 /// arenas keep what they free (they only shrink from the top): a node's
 /// RSS reached 297 MiB after one 512 MiB file was written, of which
@@ -509,6 +508,20 @@ fn give_back_freed_memory() {
     unsafe { libc::malloc_trim(0) };
 }
 
+/// Caps glibc at two malloc arenas (its default is eight per core). Each
+/// arena keeps the memory its threads freed, and `malloc_trim` returns
+/// only whole free pages: at 1,000,000 files, while 200,000 files were
+/// copied in, 14 arenas held 209 MiB of a 477 MiB peak, and two arenas
+/// brought the peak to 368-396 MiB and the idle RSS from 326-350 to
+/// 186-223 MiB, with the copy no slower (65 s against 72 s).
+fn limit_malloc_arenas() {
+    // SAFETY: mallopt only changes glibc's allocator settings; it runs
+    // before the daemon starts its threads.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
+}
+
+/// Tells systemd (a `Type=notify` unit) how the daemon is; a no-op
+/// elsewhere.
 fn systemd_notify(state: sd_notify::NotifyState) {
     if let Err(e) = sd_notify::notify(false, &[state]) {
         tracing::warn!("cannot notify systemd: {e}");

@@ -18,7 +18,7 @@ start_node() {
     local n=$1 founder=${2:-1}
     mkdir -p "$work/mnt$n"
     if [ -e "$work/d$n/wpfs.json" ]; then
-        :
+        : # a store made before (scale.sh --seed): mounted as it is
     elif [ "$n" = 0 ] || [ "$n" = 1 ]; then
         "$BIN/wpfs" init --data "$work/d$n" --node-id 1 --listen "127.0.0.1:$((7490 + n))" >/dev/null
     else

@@ -153,11 +153,9 @@ if has one; then
         echo "  from a copy of $seed (no copy of the tree)"
         rm -rf "$work/d0"
         cp -a "$seed" "$work/d0"
-        start_node 0
-    else
-        start_node 0
-        import_into "$work/mnt0" 0
     fi
+    start_node 0
+    [ -n "$seed" ] || import_into "$work/mnt0" 0
     echo "  store: $(du -sm "$work/d0/db" | cut -f1) MiB on disk for $(du -sm --apparent-size "$tree/" | cut -f1) MiB of files"
     wait_replicated 0 # the start's scan for missing chunks (a seed's) ends first
     reads "$work/mnt0"

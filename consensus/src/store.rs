@@ -28,7 +28,7 @@ const BLOCK_CACHE_BYTES: usize = 160 << 20;
 /// The memtables of all column families together, charged to the block
 /// cache: without a shared limit each column family filled its own
 /// (RocksDB's default of 64 MiB, twice that while one is flushed), and
-/// a node's memtables reached 168 MiB while 200,000 files were copied in.
+/// a node's memtables reached 168 MiB while 100,000 files were copied in.
 const MEMTABLES_BYTES: usize = 64 << 20;
 
 /// Why the store could not be opened, worded for the operator.

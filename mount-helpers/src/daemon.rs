@@ -289,8 +289,8 @@ fn block_stop_signals() -> libc::sigset_t {
 }
 
 fn run(req: &MountRequest, config: &NodeConfig, reporter: &mut Reporter) -> Result<(), String> {
-    init_logging(req.options.log.as_deref());
     limit_malloc_arenas();
+    init_logging(req.options.log.as_deref());
     let signals = block_stop_signals();
     if req.dir.join(LEFT_FILE).exists() {
         return Err(format!(
@@ -510,10 +510,10 @@ fn give_back_freed_memory() {
 
 /// Caps glibc at two malloc arenas (its default is eight per core). Each
 /// arena keeps the memory its threads freed, and `malloc_trim` returns
-/// only whole free pages: at 1,000,000 files, while 200,000 files were
-/// copied in, 14 arenas held 209 MiB of a 477 MiB peak, and two arenas
-/// brought the peak to 368-396 MiB and the idle RSS from 326-350 to
-/// 186-223 MiB, with the copy no slower (65 s against 72 s).
+/// only whole free pages: with 1,000,000 files, while 100,000 more were
+/// copied in, 14 arenas held 209 MiB of a 477 MiB peak; two arenas
+/// brought the peak to 346-371 MiB and the idle RSS from 293 to 190 MiB,
+/// with W1, W3 and W4 within noise (`benches/ab.sh`).
 fn limit_malloc_arenas() {
     // SAFETY: mallopt only changes glibc's allocator settings; it runs
     // before the daemon starts its threads.

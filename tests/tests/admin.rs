@@ -246,11 +246,19 @@ fn every_node_has_an_admin_address_and_metrics_of_its_own() {
         );
         assert!(value(m, "wpfs_disk_free_bytes", &[]) > reserve, "node {id}");
         for peer in (1..=3).filter(|p| *p != id) {
+            // A link dials its peer on its own schedule (a just-joined
+            // member's, too): wait for it, rather than ask at one instant.
             let peer = peer.to_string();
-            assert_eq!(
-                value(m, "wpfs_peer_reachable", &[("peer", &peer)]),
-                1.0,
-                "node {id} sees node {peer}"
+            wait_until(
+                Duration::from_secs(10),
+                &format!("node {id} to see node {peer}"),
+                || {
+                    value(
+                        &scrape(&admins[i]),
+                        "wpfs_peer_reachable",
+                        &[("peer", &peer)],
+                    ) == 1.0
+                },
             );
         }
         let applied = histogram_count(m, "wpfs_raft_commit_to_apply_seconds", &[]);

@@ -3,13 +3,15 @@
 # against the same tree on local disk, in one run (docs/performance.md,
 # "A real site's size").
 #
-#   benches/scale.sh [--files N] [--phases local,one,three,join] [--seed DIR]
+#   benches/scale.sh [--files N] [--big-files N] [--phases local,one,three,join] [--seed DIR]
 #
 # The tree: N files (default 1,000,000) in YYYY/MM directories, one of
 # which holds a tenth of them (100,000 at 1M); sizes scaled down 12× from
 # WordPress's (most 5-200 KB become 0.4-16 KiB, median 2 KiB) so that the
 # bytes stored per node stay near 2-3 GB, plus four large files of
-# 64-512 MiB (WordPress's 100 MB-2 GB, scaled down 4×).
+# 64-512 MiB (WordPress's 100 MB-2 GB, scaled down 4×). --big-files 0
+# leaves those out (a join's rate is then that of small chunks, as at 1M
+# files, where they are three quarters of the bytes).
 #
 # Phases (each prints its figures as it ends):
 #   local  make the tree on local disk; cp -a of it to local disk; find,
@@ -40,9 +42,11 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 files=1000000
 phases=local,one,three,join
 seed=
+big=4
 while [ $# -gt 0 ]; do
     case $1 in
         --files) files=$2; shift 2 ;;
+        --big-files) big=$2; shift 2 ;;
         --phases) phases=$2; shift 2 ;;
         --seed) seed=$2; shift 2 ;;
         *) echo "unknown option $1 (see the head of $0)" >&2; exit 2 ;;
@@ -82,9 +86,9 @@ timed() {
 # be read at both sizes.
 make_tree() {
     [ -e "$tree/.done" ] && return
-    python3 - "$tree" "$files" <<'EOF'
+    python3 - "$tree" "$files" "$big" <<'EOF'
 import os, random, sys
-root, files = sys.argv[1], int(sys.argv[2])
+root, files, big = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 rng = random.Random(7)
 months = [f"{y}/{m:02}" for y in range(2010, 2027) for m in range(1, 13)]
 big_dir = "2024/05"
@@ -99,7 +103,7 @@ for i in range(files):
     size = int(min(16384, max(400, rng.lognormvariate(7.6, 0.9))))
     with open(os.path.join(root, part, d, f"image-{i}-{size}.jpg"), "wb") as f:
         f.write(os.urandom(size))
-for n, mib in enumerate((64, 128, 256, 512)):
+for n, mib in enumerate((64, 128, 256, 512)[:big]):
     with open(os.path.join(root, "part2", "2025/01", f"video-{n}.mp4"), "wb") as f:
         for _ in range(mib):
             f.write(os.urandom(1 << 20))
@@ -190,6 +194,7 @@ if has join; then
     founder=1
     has three || founder=0
     echo "== a new node (4) joins the cluster of node $founder"
+    founder_cpu=$(cpu "$founder")
     t=$(now)
     start_node 4 "$founder"
     echo "  namespace here (its mount returned) after $(since "$t") s; snapshot $(status 4 |
@@ -200,6 +205,6 @@ if has join; then
     bytes=$(status 4 | field replicated_bytes)
     python3 -c "
 t = $(since "$t"); print(f'  every chunk after {t:.1f} s: {$bytes / 1e6:.0f} MB, {$bytes / 1e6 / t:.1f} MB/s')"
-    echo "  node 4: $(rss 4), CPU $(cpu 4) s"
+    echo "  node 4: $(rss 4), CPU $(cpu 4) s; node $founder's CPU meanwhile $(python3 -c "print(f'{$(cpu "$founder") - $founder_cpu:.2f}')") s"
     grep -h "installed the snapshot" "$work/d4/wpfs.log" | sed 's/^/  log: /'
 fi

@@ -26,7 +26,7 @@
 use std::collections::HashMap;
 use std::io::{BufReader, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -52,16 +52,35 @@ const UNUSED_LINK_KEPT: Duration = Duration::from_secs(10);
 /// The peer protocol this build speaks. Raise it when a message changes
 /// meaning; a new field does not count (prost skips fields it does not
 /// know, so older nodes read newer messages). Raise `MIN_PROTOCOL` when
-/// this build stops talking to an older one.
-pub const PROTOCOL: u32 = 1;
+/// this build stops talking to an older one. Protocol 2 added
+/// `FetchChunks` (many chunks in one request); a protocol 1 peer is asked
+/// one chunk at a time.
+pub const PROTOCOL: u32 = 2;
 pub const MIN_PROTOCOL: u32 = 1;
 /// This build's release, as peers see it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// This build as `wpfs status` shows a member's version.
 pub fn this_version() -> String {
-    format!("{VERSION} (protocol {PROTOCOL})")
+    format!("{VERSION} (protocol {})", spoken_protocol())
 }
+
+/// The peer protocol this process speaks: `PROTOCOL`, or an older one
+/// with `WPFS_PEER_PROTOCOL=N`. The upgrade test runs nodes so, standing
+/// in for an older release: they say N in their hello, ask peers only
+/// what N has, and refuse what it lacks.
+pub fn spoken_protocol() -> u32 {
+    static SPOKEN: OnceLock<u32> = OnceLock::new();
+    *SPOKEN.get_or_init(|| {
+        std::env::var("WPFS_PEER_PROTOCOL")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .map_or(PROTOCOL, |n: u32| n.clamp(MIN_PROTOCOL, PROTOCOL))
+    })
+}
+
+/// The error a request of a kind this node does not know is answered with.
+pub const UNKNOWN_REQUEST: &str = "unknown request (a newer wpfs?)";
 
 /// In the error of a call to a peer that refused this node's credentials.
 pub const REFUSED: &str =
@@ -78,9 +97,10 @@ pub struct TransportConfig {
 /// What the node does with what peers send.
 pub trait Handler: Send + Sync + 'static {
     fn raft_message(&self, msg: raft::eraftpb::Message);
-    /// Answers a request. Chunk and snapshot requests run on the
-    /// connection's reader and must not wait on the network; membership
-    /// requests run on their own thread and may block.
+    /// Answers a request. Single chunk fetches, pushes and snapshot
+    /// pieces run on the connection's reader and must not wait on the
+    /// network; batch fetches and membership requests run on their own
+    /// thread, and membership requests may block.
     fn request(&self, from: u64, kind: Kind) -> Result<Vec<u8>, String>;
 }
 
@@ -92,6 +112,9 @@ pub struct LinkStatus {
     pub last_error: Option<String>,
     /// The peer's release and protocol, from its last handshake.
     pub version: Option<String>,
+    /// The peer protocol both ends speak: the older of the two (0 until a
+    /// handshake told).
+    pub protocol: u32,
 }
 
 #[derive(Clone)]
@@ -249,6 +272,9 @@ impl Transport {
                     connected: link.is_some_and(|l| l.stream().is_some()),
                     last_error: link.and_then(|l| l.last_error.lock().clone()),
                     version: link.and_then(|l| l.version.lock().clone()),
+                    protocol: link.map_or(0, |l| {
+                        l.protocol.load(Ordering::Relaxed).min(spoken_protocol())
+                    }),
                     addr,
                 };
                 (id, status)
@@ -295,6 +321,7 @@ impl Inner {
             pending: Mutex::new(HashMap::new()),
             last_error: Mutex::new(None),
             version: Mutex::new(None),
+            protocol: AtomicU32::new(0),
             used: Mutex::new(Instant::now()),
         });
         links.insert(addr.to_string(), link.clone());
@@ -317,9 +344,11 @@ impl Inner {
                 return;
             }
             match self.dial(&link.addr) {
-                Ok((stream, peer, version)) => {
+                Ok((stream, hello)) => {
+                    let peer = hello.node_id;
                     *link.last_error.lock() = None;
-                    *link.version.lock() = Some(version);
+                    *link.version.lock() = Some(version_of(&hello));
+                    link.protocol.store(protocol_of(&hello), Ordering::Relaxed);
                     *link.stream.lock() = Some(stream.clone());
                     tracing::info!("connected to node {peer} at {}", link.addr);
                     let why = self.serve_link(link, stream, &wake);
@@ -357,9 +386,9 @@ impl Inner {
         true
     }
 
-    /// Connects and authenticates: the stream, the peer's node id and its
-    /// version.
-    fn dial(&self, addr: &str) -> Result<(Arc<TlsStream>, u64, String), String> {
+    /// Connects and authenticates: the stream, and the peer's hello (its
+    /// node id, release and protocol).
+    fn dial(&self, addr: &str) -> Result<(Arc<TlsStream>, Hello), String> {
         let sockaddr: SocketAddr = addr
             .to_socket_addrs()
             .map_err(|e| format!("bad address: {e}"))?
@@ -406,7 +435,7 @@ impl Inner {
             return Err(why);
         }
         stream.socket().set_read_timeout(None).ok();
-        Ok((stream, theirs.node_id, version_of(&theirs)))
+        Ok((stream, theirs))
     }
 
     fn hello(&self, their_nonce: &[u8], my_nonce: Vec<u8>) -> Hello {
@@ -416,7 +445,7 @@ impl Inner {
             addr: self.config.listen.clone(),
             proof: vec![],
             nonce: my_nonce,
-            protocol: PROTOCOL,
+            protocol: spoken_protocol(),
             version: VERSION.into(),
             refused: String::new(),
         };
@@ -588,7 +617,7 @@ impl Inner {
                             },
                             None => PeerResponse {
                                 id: req.id,
-                                error: "unknown request (a newer wpfs?)".into(),
+                                error: UNKNOWN_REQUEST.into(),
                                 data: vec![],
                             },
                         };
@@ -661,6 +690,7 @@ struct Link {
     pending: Mutex<HashMap<u64, Sender<PeerResponse>>>,
     last_error: Mutex<Option<String>>,
     version: Mutex<Option<String>>,
+    protocol: AtomicU32,
     /// When a caller last asked for the link (`Inner::link`).
     used: Mutex<Instant>,
 }

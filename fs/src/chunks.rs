@@ -15,8 +15,8 @@
 //!
 //! A chunk referenced here but not stored yet (its writer is another node
 //! and background replication has not brought it) is fetched from a peer
-//! through the `ChunkSource` at the moment a read needs it, and checked
-//! against its hash like any other.
+//! through the `ChunkSource` at the moment a read needs it, which checks
+//! it against its hash.
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
@@ -53,8 +53,9 @@ const FETCHES_AT_ONCE: usize = 8;
 
 /// Where missing chunks come from: the peers.
 pub trait ChunkSource: Send + Sync {
-    /// The chunk's bytes from some peer, not yet verified; `None` when no
-    /// reachable peer has it.
+    /// The chunk's bytes from some peer, checked against `hash` (the
+    /// source can then ask another peer for a damaged copy); `None` when
+    /// no reachable peer has it.
     fn fetch(&self, hash: &Hash) -> Option<Vec<u8>>;
 }
 
@@ -170,29 +171,45 @@ impl ChunkStore {
             .is_some())
     }
 
-    /// Stores a chunk that came from a peer, if it is what `hash` says.
-    /// It is flagged like a fresh write: if nothing references it any more
-    /// by the time it arrives, the collector removes it.
-    pub fn put_verified(&self, hash: &Hash, data: &[u8]) -> Result<bool> {
-        if blake3::hash(data).as_bytes() != hash {
-            return Ok(false);
-        }
-        self.put_hashed(hash, data)?;
-        Ok(true)
-    }
-
-    /// Stores a chunk whose `hash` the caller has just computed itself,
-    /// flagged with its arrival time (see `collect`).
-    pub fn put_hashed(&self, hash: &Hash, data: &[u8]) -> Result<()> {
+    /// Stores chunks that came from elsewhere, whose hashes the caller
+    /// has computed or checked, in one write. Each is flagged with its
+    /// arrival time, like a fresh write: if nothing references it any more
+    /// by the time it arrives, the collector removes it (see `collect`).
+    pub fn put_hashed<'a>(
+        &self,
+        chunks: impl IntoIterator<Item = (&'a Hash, &'a [u8])>,
+    ) -> Result<()> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        // A carried chunk's put, plus the arrival flag it does not need.
         let mut batch = WriteBatch::default();
-        self.put_carried(&mut batch, hash, data)?;
-        batch.put_cf(self.store.cf(CF_META), garbage_key(hash), now.to_be_bytes());
+        for (hash, data) in chunks {
+            // A carried chunk's put, plus the arrival flag it does not need.
+            self.put_carried(&mut batch, hash, data)?;
+            batch.put_cf(self.store.cf(CF_META), garbage_key(hash), now.to_be_bytes());
+        }
         self.store.db().write(batch)?;
         Ok(())
+    }
+
+    /// The chunks of `hashes` stored here, verified, in their order; an
+    /// empty one for each that is not here or fails its check. What a peer
+    /// fetching many at once is answered.
+    pub fn here_of(&self, hashes: &[Hash]) -> Vec<Vec<u8>> {
+        let values =
+            (self.store.db()).batched_multi_get_cf(self.store.cf(CF_CHUNKS), hashes, false);
+        hashes
+            .iter()
+            .zip(values)
+            .map(|(hash, value)| match value {
+                Ok(Some(data)) if intact(hash, &data) => data.to_vec(),
+                Ok(_) => Vec::new(),
+                Err(e) => {
+                    tracing::warn!("reading chunk {} for a peer: {e}", hex(hash));
+                    Vec::new()
+                }
+            })
+            .collect()
     }
 
     /// Adds a chunk carried in the command being applied (its `hash`
@@ -253,11 +270,7 @@ impl ChunkStore {
         let Some(data) = data else {
             return Ok(None);
         };
-        if blake3::hash(&data).as_bytes() != hash {
-            tracing::error!(
-                "chunk {} fails its hash check: the store is corrupt here",
-                hex(hash)
-            );
+        if !intact(hash, &data) {
             return err(libc::EIO);
         }
         Ok(Some(data))
@@ -307,16 +320,12 @@ impl ChunkStore {
         Errno(libc::EIO)
     }
 
-    /// A missing chunk from a peer, verified, and stored unless this node
-    /// keeps no contents (a witness).
+    /// A missing chunk from a peer (verified by the source), stored unless
+    /// this node keeps no contents (a witness).
     fn fetch(&self, hash: &Hash) -> Option<Vec<u8>> {
         let data = self.source.get()?.fetch(hash)?;
-        if blake3::hash(&data).as_bytes() != hash {
-            tracing::error!("a peer sent chunk {} with the wrong bytes", hex(hash));
-            return None;
-        }
         if self.keep_fetched.load(std::sync::atomic::Ordering::Relaxed) {
-            if let Err(e) = self.put_hashed(hash, &data) {
+            if let Err(e) = self.put_hashed([(hash, &data[..])]) {
                 tracing::warn!("storing fetched chunk {}: {e:?}", hex(hash));
             }
         }
@@ -365,6 +374,19 @@ impl ChunkStore {
             .flatten()
             .unwrap_or(0)
     }
+}
+
+/// Whether a chunk read from this node's store has the bytes its `hash`
+/// names; one that does not is logged.
+fn intact(hash: &[u8], data: &[u8]) -> bool {
+    let ok = blake3::hash(data).as_bytes() == hash;
+    if !ok {
+        tracing::error!(
+            "chunk {} fails its hash check: the store is corrupt here",
+            hex(hash)
+        );
+    }
+    ok
 }
 
 pub fn hex(bytes: &[u8]) -> String {

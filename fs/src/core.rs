@@ -15,7 +15,10 @@
 //! and proposes it before any other change of its own (`settle`), so
 //! changes keep the order their syscalls had. If another node makes the
 //! same name meanwhile, the contents replace that file's whole, as if this
-//! node's open had come second.
+//! node's open had come second; a file to which nothing was written here
+//! is born as a plain create, so the other node's file stands (an open
+//! with O_TRUNC that wrote nothing yet must not erase a file written after
+//! it) and this handle goes on with that file.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -218,7 +221,10 @@ impl FsCore {
         if self.opts.read_only {
             return err(libc::EROFS);
         }
-        if !matches!(op, Op::SetContent(_) | Op::Reserve(_)) {
+        // Contents and births (a create with a number this node reserved)
+        // are what `settle` proposes: they need no settling first.
+        let birth = matches!(&op, Op::Create(c) if c.ino != 0);
+        if !birth && !matches!(op, Op::SetContent(_) | Op::Reserve(_)) {
             self.settle();
         }
         let outcome = self
@@ -811,6 +817,16 @@ impl FsCore {
         let ino = state.ino();
         let deleted_elsewhere = || self.kept(ino).is_some();
         if !state.is_dirty() || deleted_elsewhere() {
+            return Ok(());
+        }
+        if let Some(create) = state.empty_birth() {
+            // A plain create: if another node made the name since this
+            // node's open, its file stands, as a file made after an open
+            // with O_TRUNC does on one machine. Only what this handle
+            // writes replaces it.
+            let outcome = self.propose(Op::Create(create.clone()), durable)?;
+            state.committed(&outcome.inode.ok_or(Errno(libc::EIO))?);
+            self.unborn.lock().remove(&ino);
             return Ok(());
         }
         let replicator = self.replicator.get();

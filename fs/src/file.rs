@@ -127,6 +127,13 @@ impl FileState {
         self.birth.as_ref()
     }
 
+    /// How the file is created, if it is not yet and nothing has been
+    /// written to it (nor its size set): an `O_CREAT|O_TRUNC` open that
+    /// has written nothing yet.
+    pub fn empty_birth(&self) -> Option<&Create> {
+        (self.birth.as_ref()).filter(|_| self.dirty.is_empty() && self.size == 0)
+    }
+
     /// Re-reads size and mtime from the committed inode, when clean.
     pub fn refresh(&mut self, inode: &Inode) {
         if !self.changed {

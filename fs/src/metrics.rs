@@ -120,11 +120,19 @@ fn result(ok: bool) -> ResultLabel {
 }
 
 impl ChunkMetrics {
-    /// One fetch of a chunk from one peer: `bytes` when it answered.
-    pub fn fetched(&self, started: Instant, bytes: Option<usize>) {
-        self.fetches.get_or_create(&result(bytes.is_some())).inc();
-        if let Some(n) = bytes {
-            self.fetched_bytes.inc_by(n as u64);
+    /// One request to one peer for one chunk or a batch, and what it
+    /// answered for each (None: not there, or no answer in time).
+    pub fn fetched(&self, started: Instant, answers: &[Option<Vec<u8>>]) {
+        let got: Vec<&Vec<u8>> = answers.iter().flatten().collect();
+        let missed = answers.len() - got.len();
+        self.fetches
+            .get_or_create(&result(true))
+            .inc_by(got.len() as u64);
+        self.fetches
+            .get_or_create(&result(false))
+            .inc_by(missed as u64);
+        if !got.is_empty() {
+            (self.fetched_bytes).inc_by(got.iter().map(|d| d.len() as u64).sum());
             observe(&self.fetch_latency, started.elapsed());
         }
     }
@@ -151,7 +159,7 @@ impl ChunkMetrics {
         );
         registry.register_with_unit(
             "chunk_fetch",
-            "Time a peer took to answer a chunk fetch",
+            "Time a peer took to answer a fetch of one chunk or a batch",
             Unit::Seconds,
             self.fetch_latency.clone(),
         );
@@ -218,14 +226,17 @@ mod tests {
     #[test]
     fn fetches_and_pushes_count_by_result_with_their_bytes() {
         let chunks = ChunkMetrics::default();
-        chunks.fetched(Instant::now(), Some(1000));
-        chunks.fetched(Instant::now(), None);
+        // A batch of three, of which the peer had two; one chunk alone,
+        // not answered.
+        let batch = [Some(vec![0; 1000]), None, Some(vec![0; 500])];
+        chunks.fetched(Instant::now(), &batch);
+        chunks.fetched(Instant::now(), &[None]);
         chunks.pushed(Instant::now(), 4096, false);
         let out = text(|r| chunks.register(r));
         for line in [
-            "wpfs_chunk_fetches_total{result=\"ok\"} 1\n",
-            "wpfs_chunk_fetches_total{result=\"error\"} 1\n",
-            "wpfs_chunk_fetched_bytes_total 1000\n",
+            "wpfs_chunk_fetches_total{result=\"ok\"} 2\n",
+            "wpfs_chunk_fetches_total{result=\"error\"} 2\n",
+            "wpfs_chunk_fetched_bytes_total 1500\n",
             "wpfs_chunk_fetch_seconds_count 1\n",
             "wpfs_chunk_pushes_total{result=\"error\"} 1\n",
             "wpfs_chunk_pushed_bytes_total 4096\n",

@@ -179,14 +179,19 @@ impl ApplyObserver for RemoteChanges {
             // of a file created here: its directory changed only now (a
             // stat of it since the create is cached), and if another node
             // made the name meanwhile (its file got the contents), the
-            // number the kernel was given is gone.
-            if let Some(Op::SetContent(s)) = &cmd.op {
-                if let (Some(c), Some(inode)) = (&s.create, &outcome.inode) {
-                    self.inode(c.parent);
-                    if inode.ino != s.ino {
-                        self.entry(c.parent, &c.name);
-                        self.inode(s.ino);
-                    }
+            // number the kernel was given is gone. A birth comes with the
+            // file's contents, or alone (a create with the number this
+            // node reserved) when nothing was written to it.
+            let birth = match &cmd.op {
+                Some(Op::SetContent(s)) => s.create.as_ref(),
+                Some(Op::Create(c)) if c.ino != 0 => Some(c),
+                _ => None,
+            };
+            if let (Some(c), Some(inode)) = (birth, &outcome.inode) {
+                self.inode(c.parent);
+                if inode.ino != c.ino {
+                    self.entry(c.parent, &c.name);
+                    self.inode(c.ino);
                 }
             }
             return;

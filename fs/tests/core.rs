@@ -307,34 +307,57 @@ fn changes_made_here_come_after_the_files_created_here() {
     assert!(core.namespace().orphans().unwrap().is_empty());
 }
 
+/// Another node makes `name` and commits `data` (at most 64 KiB) in it:
+/// its commands, applied here; its inode number.
+fn made_elsewhere(core: &FsCore, name: &str, data: &[u8]) -> u64 {
+    let propose = |op| {
+        let outcome = core.node().propose(op, 0, false, Duration::from_secs(5));
+        outcome.unwrap().inode.unwrap()
+    };
+    let theirs = propose(wpfs_proto::Op::Create(wpfs_proto::Create {
+        parent: ROOT_INO,
+        name: name.as_bytes().to_vec(),
+        kind: wpfs_proto::FileKind::Regular as i32,
+        mode: 0o644,
+        ..Default::default()
+    }))
+    .ino;
+    let hash = *blake3::hash(data).as_bytes();
+    core.chunks().put_hashed([(&hash, data)]).unwrap();
+    propose(wpfs_proto::Op::SetContent(wpfs_proto::SetContent {
+        ino: theirs,
+        size: data.len() as u64,
+        chunks: vec![wpfs_proto::ChunkRef {
+            index: 0,
+            hash: hash.to_vec(),
+            len: data.len() as u32,
+        }],
+        mtime_ns: 1,
+        ..Default::default()
+    }));
+    theirs
+}
+
+#[test]
+fn an_open_that_wrote_nothing_never_erases_a_file_made_elsewhere_since() {
+    let f = fixture();
+    let core = &f.core;
+    // open(O_CREAT|O_TRUNC) of a name that does not exist yet here.
+    let mine = create_file(core, "cache.html");
+    let theirs = made_elsewhere(core, "cache.html", &pattern(6, 60_000));
+    core.release(mine).unwrap();
+    let found = core.lookup(ROOT_INO, b"cache.html").unwrap().unwrap();
+    assert_eq!(found.ino, theirs, "one file under the name");
+    assert_eq!(core.read(theirs, 0, 1 << 20).unwrap(), pattern(6, 60_000));
+}
+
 #[test]
 fn a_file_created_here_and_elsewhere_at_once_ends_with_the_later_contents_whole() {
     let f = fixture();
     let core = &f.core;
     let mine = create_file(core, "cache.html");
     core.write(mine, 0, &pattern(5, 100_000)).unwrap();
-    // Another node makes the name and commits its version first.
-    let theirs = core
-        .node()
-        .propose(
-            wpfs_proto::Op::Create(wpfs_proto::Create {
-                parent: ROOT_INO,
-                name: b"cache.html".to_vec(),
-                kind: wpfs_proto::FileKind::Regular as i32,
-                mode: 0o644,
-                ..Default::default()
-            }),
-            0,
-            false,
-            Duration::from_secs(5),
-        )
-        .unwrap()
-        .inode
-        .unwrap()
-        .ino;
-    core.open(theirs).unwrap();
-    core.write(theirs, 0, &pattern(6, 300_000)).unwrap();
-    core.release(theirs).unwrap();
+    let theirs = made_elsewhere(core, "cache.html", &pattern(6, 60_000));
     // This node's close comes later: its contents replace theirs whole.
     let data = pattern(7, 30_000);
     core.write(mine, 0, &data).unwrap();
@@ -367,7 +390,10 @@ fn a_carried_chunk_is_not_left_for_the_collector_to_look_at() {
         .put_carried(&mut batch, &hash(&carried), &carried)
         .unwrap();
     f.store.db().write(batch).unwrap();
-    f.core.chunks().put_hashed(&hash(&pushed), &pushed).unwrap();
+    f.core
+        .chunks()
+        .put_hashed([(&hash(&pushed), &pushed[..])])
+        .unwrap();
     let flagged: Vec<_> = f
         .core
         .namespace()
@@ -376,6 +402,27 @@ fn a_carried_chunk_is_not_left_for_the_collector_to_look_at() {
     assert_eq!(flagged.len(), 1);
     assert_eq!(flagged[0].0, hash(&pushed));
     assert_eq!(chunks_stored(&f.store), 2);
+}
+
+#[test]
+fn a_peer_asking_for_many_chunks_gets_those_here_in_its_order() {
+    let f = fixture();
+    let chunks: Vec<Vec<u8>> = (0..4).map(|i| pattern(20 + i, 5000)).collect();
+    let hashes: Vec<Hash> = chunks.iter().map(|c| *blake3::hash(c).as_bytes()).collect();
+    // The first three arrive from a peer in one write; the last never.
+    let stored = hashes.iter().zip(chunks.iter().map(Vec::as_slice)).take(3);
+    f.core.chunks().put_hashed(stored).unwrap();
+    // The second is damaged on disk: it must not be served.
+    let cf = f.store.cf(CF_CHUNKS);
+    f.store.db().put_cf(cf, hashes[1], vec![0u8; 5000]).unwrap();
+
+    let asked = [hashes[3], hashes[2], hashes[1], hashes[0]];
+    let answer = f.core.chunks().here_of(&asked);
+    assert_eq!(
+        answer,
+        vec![Vec::new(), chunks[2].clone(), Vec::new(), chunks[0].clone()],
+        "absent and damaged ones answer empty, the others their bytes in order"
+    );
 }
 
 /// Another node's store, as the core fetches what it lacks from it; counts

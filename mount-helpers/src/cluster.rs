@@ -18,12 +18,14 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use raft::eraftpb::{Message as RaftMessage, MessageType};
+use wpfs_consensus::namespace::Hash;
 use wpfs_consensus::snapshot;
 use wpfs_consensus::transport::{self, Handler};
 use wpfs_consensus::{ConfChangeType, Namespace, Node, Store, Transport};
 use wpfs_fs::chunks::ChunkStore;
+use wpfs_fs::replication::FETCH_BATCH;
 use wpfs_proto::peer_request::Kind;
-use wpfs_proto::{Member, Message, SnapshotPiece, SnapshotRef};
+use wpfs_proto::{FetchChunks, Member, Message, SnapshotPiece, SnapshotRef, StoreChunks};
 
 /// How long a membership change may take to be applied.
 const MEMBER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -168,13 +170,27 @@ impl Handler for PeerHandler {
                     .get(&hash, None)
                     .map_err(|_| "chunk not here".to_string())
             }
+            Kind::FetchChunks(_) if transport::spoken_protocol() < 2 => {
+                Err(transport::UNKNOWN_REQUEST.into())
+            }
+            Kind::FetchChunks(FetchChunks { hashes }) if hashes.len() <= FETCH_BATCH => {
+                let hashes = (hashes.iter())
+                    .map(|h| Hash::try_from(&h[..]))
+                    .collect::<Result<Vec<Hash>, _>>()
+                    .map_err(|_| "a chunk hash that is not 32 bytes".to_string())?;
+                let chunks = s.chunks.here_of(&hashes);
+                Ok(StoreChunks { chunks }.encode_to_vec())
+            }
+            Kind::FetchChunks(f) => Err(format!(
+                "{} chunks asked at once, over the limit of {FETCH_BATCH}",
+                f.hashes.len()
+            )),
             Kind::StoreChunks(batch) if !s.witness => {
-                for data in batch.chunks {
-                    let hash = *blake3::hash(&data).as_bytes();
-                    s.chunks
-                        .put_hashed(&hash, &data)
-                        .map_err(|e| format!("{e:?}"))?;
-                }
+                let hashes: Vec<Hash> = (batch.chunks.iter())
+                    .map(|data| *blake3::hash(data).as_bytes())
+                    .collect();
+                let chunks = hashes.iter().zip(batch.chunks.iter().map(Vec::as_slice));
+                s.chunks.put_hashed(chunks).map_err(|e| format!("{e:?}"))?;
                 Ok(vec![])
             }
             Kind::StoreChunks(_) => Err("a witness stores no file contents".into()),

@@ -545,14 +545,17 @@ fn a_file_replaced_by_rename_elsewhere_never_goes_missing_here() {
 }
 
 #[test]
-fn a_file_created_on_two_nodes_at_once_stays_usable_through_the_later_handle() {
+fn a_file_created_on_two_nodes_at_once_keeps_the_bytes_written_last() {
     if !fuse_available() {
         return;
     }
     use std::io::Write;
-    // Two web nodes write the same new cache file at the same moment
-    // (open without O_EXCL). Node 1 commits first; node 2's contents then
-    // replace that file whole, and its handle keeps working meanwhile.
+    // Two web nodes write the same new cache file (open without O_EXCL):
+    // node 2 opens it with O_CREAT|O_TRUNC and writes nothing yet; node 1
+    // then writes and closes it. On one machine node 1's bytes would
+    // stand: they must here too, whatever node 2 proposes meanwhile. Once
+    // node 2 writes and closes, its bytes replace them, and its handle
+    // works throughout.
     let cluster = Cluster::start(3);
     let mut later = fs::OpenOptions::new()
         .create(true)
@@ -561,20 +564,20 @@ fn a_file_created_on_two_nodes_at_once_stays_usable_through_the_later_handle() {
         .open(cluster.node(2).path("cache.html"))
         .unwrap();
     write_file(cluster.node(1).path("cache.html"), b"from node 1").unwrap();
-    // Wait until node 2 has applied node 1's file, by its log index: not
-    // by its bytes. Node 2's unborn file is born (empty) with the next
-    // change node 2 proposes (its maintenance may propose one at any
-    // moment), and whichever birth commits later wins the name, so node
-    // 1's bytes may never show there. Either way node 2's handle must work.
-    let written = cluster.node(1).status()["commit_index"].as_u64().unwrap();
-    let started = std::time::Instant::now();
-    while cluster.node(2).status()["applied_index"].as_u64() < Some(written) {
-        assert!(
-            started.elapsed() < CONVERGE,
-            "node 2 did not apply node 1's file in {CONVERGE:?}: {}",
+    node_2_has_applied_node_1s_file(&cluster);
+    // Any change node 2 proposes proposes its open file first.
+    fs::create_dir(cluster.node(2).path("made-after")).unwrap();
+    for n in [1, 2, 3] {
+        let node = cluster.node(n);
+        wait_until(CONVERGE, "every node to apply node 2's mkdir", || {
+            node.path("made-after").is_dir()
+        });
+        assert_eq!(
+            fs::read(node.path("cache.html")).unwrap(),
+            b"from node 1",
+            "node {n}: {}",
             where_is(&cluster, "cache.html")
         );
-        std::thread::sleep(Duration::from_millis(20));
     }
     later.write_all(b"from node 2, later").unwrap();
     later.sync_all().unwrap();
@@ -583,9 +586,24 @@ fn a_file_created_on_two_nodes_at_once_stays_usable_through_the_later_handle() {
     drop(later);
     for n in [1, 2, 3] {
         let path = cluster.node(n).path("cache.html");
-        wait_until(CONVERGE, "every node to read node 2's version", || {
+        wait_until(CONVERGE, "every node to read node 2's bytes", || {
             fs::read(&path).is_ok_and(|b| b == b"from node 2, later")
         });
+    }
+}
+
+/// Waits until node 2 has applied what node 1 committed so far (by its
+/// log index: node 2's own open file is what the tests look at).
+fn node_2_has_applied_node_1s_file(cluster: &Cluster) {
+    let written = cluster.node(1).status()["commit_index"].as_u64().unwrap();
+    let started = std::time::Instant::now();
+    while cluster.node(2).status()["applied_index"].as_u64() < Some(written) {
+        assert!(
+            started.elapsed() < CONVERGE,
+            "node 2 did not apply node 1's file in {CONVERGE:?}: {}",
+            where_is(cluster, "cache.html")
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -3,7 +3,7 @@
 # against the same tree on local disk, in one run (docs/performance.md,
 # "A real site's size").
 #
-#   benches/scale.sh [--files N] [--big-files N] [--phases local,one,three,join] [--seed DIR]
+#   benches/scale.sh [--files N] [--big-files N] [--phases local,one,load,three,join] [--seed DIR]
 #
 # The tree: N files (default 1,000,000) in YYYY/MM directories, one of
 # which holds a tenth of them (100,000 at 1M); sizes scaled down 12× from
@@ -20,6 +20,9 @@
 #          the rest), the daemon's RSS idle and under load at a tenth and at
 #          all of it, the store's size, the same reads as on local disk,
 #          restart (wpfs mount of the stopped node until it serves)
+#   load   (with one) after its reads, a tenth of the tree and the big
+#          files copied in again: the daemon's peak RSS while copying
+#          with the whole tree in the store, and idle after
 #   three  a three-node cluster: cp -a into node 1; every daemon's RSS and
 #          CPU time, store sizes
 #   join   a fourth node joins the three (or, without three, the one
@@ -40,7 +43,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 . "$here/benches/lib.sh"
 
 files=1000000
-phases=local,one,three,join
+phases=local,one,load,three,join
 seed=
 big=4
 while [ $# -gt 0 ]; do
@@ -163,6 +166,20 @@ if has one; then
     echo "  store: $(du -sm "$work/d0/db" | cut -f1) MiB on disk for $(du -sm --apparent-size "$tree/" | cut -f1) MiB of files"
     wait_replicated 0 # the start's scan for missing chunks (a seed's) ends first
     reads "$work/mnt0"
+    if has load; then
+        # Memory under load with the whole tree in the store: a tenth of it
+        # and the big files copied in again beside it. The peak counts from
+        # here (clear_refs 5 resets the kernel's VmHWM).
+        echo "  before copying more in: $(rss 0)"
+        echo 5 >"/proc/$(daemon_of 0)/clear_refs"
+        t=$(now)
+        mkdir -p "$work/mnt0/again"
+        cp -a "$tree/part1" "$tree/part2/2025/01" "$work/mnt0/again/"
+        sync
+        echo "  cp -a of a tenth again, with the big files: $(since "$t") s; $(rss 0) (peak: while copying)"
+        sleep 10
+        echo "  idle 10 s later: $(rss 0)"
+    fi
     umount "$work/mnt0"
     while [ -n "$(daemon_of 0)" ]; do sleep 0.2; done
     t=$(now)

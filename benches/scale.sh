@@ -3,7 +3,7 @@
 # against the same tree on local disk, in one run (docs/performance.md,
 # "A real site's size").
 #
-#   benches/scale.sh [--files N] [--big-files N] [--phases local,one,load,three,join] [--seed DIR]
+#   benches/scale.sh [--files N] [--big-files N] [--parallel N] [--phases local,one,load,three,join] [--seed DIR]
 #
 # The tree: N files (default 1,000,000) in YYYY/MM directories, one of
 # which holds a tenth of them (100,000 at 1M); sizes scaled down 12× from
@@ -12,6 +12,10 @@
 # 64-512 MiB (WordPress's 100 MB-2 GB, scaled down 4×). --big-files 0
 # leaves those out (a join's rate is then that of small chunks, as at 1M
 # files, where they are three quarters of the bytes).
+#
+# --parallel N: each copy runs N `cp -a` at once, one per year directory
+# (what several PHP workers or rsync jobs do; four copied the 1M-file
+# tree into one node in 337 s, docs/performance.md). Default 1.
 #
 # Phases (each prints its figures as it ends):
 #   local  make the tree on local disk; cp -a of it to local disk; find,
@@ -46,10 +50,12 @@ files=1000000
 phases=local,one,load,three,join
 seed=
 big=4
+parallel=1
 while [ $# -gt 0 ]; do
     case $1 in
         --files) files=$2; shift 2 ;;
         --big-files) big=$2; shift 2 ;;
+        --parallel) parallel=$2; shift 2 ;;
         --phases) phases=$2; shift 2 ;;
         --seed) seed=$2; shift 2 ;;
         *) echo "unknown option $1 (see the head of $0)" >&2; exit 2 ;;
@@ -64,7 +70,7 @@ cleanup() {
 }
 trap cleanup EXIT
 tree=$work/tree
-echo "work directory: $work; $files files"
+echo "work directory: $work; $files files; $parallel cp -a at once"
 
 # Resident memory (current and peak) of node N's daemon, and what of it
 # RocksDB's memtables and block cache hold, in MiB.
@@ -122,7 +128,12 @@ import_into() {
         n=$(find "$tree/$part" -type f | wc -l)
         bytes=$(du -sb "$tree/$part" | cut -f1)
         t=$(now)
-        cp -a "$tree/$part" "$dest/"
+        if [ "$parallel" = 1 ]; then
+            cp -a "$tree/$part" "$dest/"
+        else
+            mkdir -p "$dest/$part"
+            ls "$tree/$part" | xargs -P "$parallel" -I{} cp -a "$tree/$part/{}" "$dest/$part/"
+        fi
         sync
         python3 -c "
 t = $(since "$t"); print(f'  cp -a $part: {$n} files, {$bytes / 2**20:.0f} MiB in {t:.1f} s = {$n / t:.0f} files/s, {$bytes / 2**20 / t:.1f} MiB/s')"

@@ -23,12 +23,10 @@ pub const CF_RAFT: &str = "raft";
 pub const CF_META: &str = "meta";
 pub const CF_CHUNKS: &str = "chunks";
 
-/// The block cache all column families share, memtables included. At
-/// 1,000,000 files its filters and indexes take about 32 MiB; `find`,
-/// `du` and `ls -l` there took the same time with 128 MiB as with 160,
-/// and a node copying 100,000 files in peaked 15 MiB lower (286 MiB,
-/// docs/performance.md).
-const BLOCK_CACHE_BYTES: usize = 128 << 20;
+/// The block cache all column families share, memtables included.
+/// (128 MiB read 1M files as fast and lowered a node's peak under a copy
+/// by 15-40 MiB: docs/performance.md, "a join in batches".)
+const BLOCK_CACHE_BYTES: usize = 160 << 20;
 /// The memtables of all column families together, charged to the block
 /// cache: without a shared limit each column family filled its own
 /// (RocksDB's default of 64 MiB, twice that while one is flushed), and

@@ -18,9 +18,11 @@ const FILES: usize = 200_000;
 /// replication backlog holds at once, so the scan must pause and go on.
 const CONTENT_EVERY: usize = 8;
 /// The joiner's peak resident memory may not pass this. Measured: 81-86
-/// MiB; 140 MiB when the install wrote the namespace's difference as one
-/// write batch (docs/performance.md, "A real site's size").
-const PEAK_RSS_LIMIT_MIB: u64 = 112;
+/// MiB, and 98-101 MiB on the same machine an hour later with the same
+/// binaries, 116 MiB in one CI run there; 140 MiB when the install wrote
+/// the namespace's difference as one write batch (docs/performance.md,
+/// "A real site's size"), which this bound still catches.
+const PEAK_RSS_LIMIT_MIB: u64 = 128;
 /// One snapshot piece (`wpfs_consensus::snapshot::PIECE_SIZE`).
 const PIECE_SIZE: u64 = 1 << 20;
 
